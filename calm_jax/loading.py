@@ -1,0 +1,303 @@
+"""Hugging Face checkpoints <-> our parameter trees.
+
+The mapping is data: per family, a table of (HF name template, our path template(s),
+transform). `{i}` stands for the layer index. Loading checks every tensor against the
+table and the expected shapes before anything is placed on a device, so a bad checkpoint
+fails whole, naming the tensor, never leaving a partial model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from calm_jax import config as config_lib
+from calm_jax import model as model_lib
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded as asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    to_ours: Callable[[np.ndarray], list]
+    to_hf: Callable[[list], np.ndarray]
+
+
+SAME = Transform(lambda t: [t], lambda ts: ts[0])
+TRANSPOSE = Transform(lambda t: [t.T], lambda ts: ts[0].T)  # torch Linear (out, in) -> kernel (in, out)
+SPLIT3 = Transform(lambda t: np.split(t, 3, axis=-1), lambda ts: np.concatenate(ts, axis=-1))  # GPT-2 c_attn
+
+_L = "model.layers.{i}."
+_LLAMA = [
+    ("model.embed_tokens.weight", "embed/embedding", SAME),
+    ("model.norm.weight", "final_norm/scale", SAME),
+    ("lm_head.weight", "lm_head/kernel", TRANSPOSE),
+    (_L + "input_layernorm.weight", "layers_{i}/ln1/scale", SAME),
+    (_L + "post_attention_layernorm.weight", "layers_{i}/ln2/scale", SAME),
+    *[(_L + f"self_attn.{p}_proj.weight", f"layers_{{i}}/attn/{p}/kernel", TRANSPOSE) for p in "qkvo"],
+    *[(_L + f"self_attn.{p}_proj.bias", f"layers_{{i}}/attn/{p}/bias", SAME) for p in "qkvo"],
+    (_L + "self_attn.q_norm.weight", "layers_{i}/attn/q_norm/scale", SAME),
+    (_L + "self_attn.k_norm.weight", "layers_{i}/attn/k_norm/scale", SAME),
+    *[(_L + f"mlp.{p}_proj.weight", f"layers_{{i}}/mlp/{p}/kernel", TRANSPOSE) for p in ("gate", "up", "down")],
+    *[(_L + f"mlp.{p}_proj.bias", f"layers_{{i}}/mlp/{p}/bias", SAME) for p in ("gate", "up", "down")],
+]
+_H = "transformer.h.{i}."
+_GPT2 = [
+    ("transformer.wte.weight", "embed/embedding", SAME),
+    ("transformer.wpe.weight", "pos_embed/embedding", SAME),
+    ("transformer.ln_f.weight", "final_norm/scale", SAME),
+    ("transformer.ln_f.bias", "final_norm/bias", SAME),
+    ("lm_head.weight", "lm_head/kernel", TRANSPOSE),
+    *[(_H + f"{hf}.{w}", f"layers_{{i}}/{ours}/{p}", SAME)
+      for hf, ours in (("ln_1", "ln1"), ("ln_2", "ln2")) for w, p in (("weight", "scale"), ("bias", "bias"))],
+    # GPT-2's Conv1D stores (in, out): already our kernel layout.
+    (_H + "attn.c_attn.weight", ("layers_{i}/attn/q/kernel", "layers_{i}/attn/k/kernel", "layers_{i}/attn/v/kernel"),
+     SPLIT3),
+    (_H + "attn.c_attn.bias", ("layers_{i}/attn/q/bias", "layers_{i}/attn/k/bias", "layers_{i}/attn/v/bias"), SPLIT3),
+    (_H + "attn.c_proj.weight", "layers_{i}/attn/o/kernel", SAME),
+    (_H + "attn.c_proj.bias", "layers_{i}/attn/o/bias", SAME),
+    (_H + "mlp.c_fc.weight", "layers_{i}/mlp/up/kernel", SAME),
+    (_H + "mlp.c_fc.bias", "layers_{i}/mlp/up/bias", SAME),
+    (_H + "mlp.c_proj.weight", "layers_{i}/mlp/down/kernel", SAME),
+    (_H + "mlp.c_proj.bias", "layers_{i}/mlp/down/bias", SAME),
+]
+NAME_TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "gpt2": _GPT2}
+
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+# Prefixes seen in the wild for the same tensors (e.g. the original GPT-2 files have none).
+_ALIASES = {"gpt2": ("transformer.", "")}
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded model: its config, parameter tree, tokenizer (or None) and config.json dict."""
+
+    config: config_lib.ModelConfig
+    params: Any
+    tokenizer: Any = None
+    hf_config: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, tokens_BxT, **kwargs) -> model_lib.LMOutput:
+        return model_lib.forward(self.config, self.params, tokens_BxT, **kwargs)
+
+
+def _paths(template, i):
+    paths = (template,) if isinstance(template, str) else template
+    return tuple(tuple(p.format(i=i).split("/")) for p in paths)
+
+
+def _compile(table):
+    compiled = []
+    for hf, ours, transform in table:
+        pattern = re.compile("^" + re.escape(hf).replace(re.escape("{i}"), r"(\d+)") + "$")
+        compiled.append((pattern, ours, transform))
+    return compiled
+
+
+def _canonical(name: str, family: str) -> str:
+    prefix, bare = _ALIASES.get(family, (None, None))
+    if prefix is not None and not name.startswith(prefix) and not name.startswith("lm_head."):
+        return prefix + name[len(bare):]
+    return name
+
+
+def _read_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"model directory not found: {path}")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        with open(cfg_file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+        return [os.path.join(path, f) for f in files]
+    if os.path.isfile(single):
+        return [single]
+    raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
+    tensors = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="np") as f:
+                for name in f.keys():
+                    if name in tensors:
+                        raise CheckpointError(f"tensor {name} appears in more than one shard ({file})")
+                    tensors[name] = f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
+    return tensors
+
+
+def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig) -> dict:
+    """Maps HF tensors to our flat {path: array}, checking names and shapes against `cfg`.
+
+    Every tensor must be used and every parameter filled; otherwise raises CheckpointError
+    naming the tensors. Returns numpy arrays (nothing placed on a device yet).
+    """
+    expected = traverse_util.flatten_dict(model_lib.param_shapes(cfg))
+    rules = _compile(NAME_TABLES[cfg.family])
+    flat, unknown, problems = {}, [], []
+    for raw_name, tensor in tensors.items():
+        name = _canonical(raw_name, cfg.family)
+        if _IGNORED.search(name):
+            continue
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # a tied head stored anyway: the embedding is the head
+        for pattern, ours, transform in rules:
+            m = pattern.match(name)
+            if m:
+                break
+        else:
+            unknown.append(raw_name)
+            continue
+        layer = int(m.group(1)) if m.groups() else None
+        paths = _paths(ours, layer)
+        pieces = transform.to_ours(np.asarray(tensor))
+        for path, piece in zip(paths, pieces):
+            if path not in expected:
+                problems.append(f"{raw_name}: this {cfg.family} config ({cfg.num_layers} layers) "
+                                f"has no parameter {'/'.join(path)}")
+            elif piece.shape != expected[path].shape:
+                want = tuple(expected[path].shape)
+                problems.append(f"{raw_name}: expected shape {_hf_shape(transform, want, len(paths))}, "
+                                f"found {tuple(tensor.shape)}")
+            else:
+                flat[path] = piece
+    if unknown:
+        problems.append("unrecognised tensors: " + ", ".join(sorted(unknown)[:10])
+                        + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""))
+    missing = sorted("/".join(p) for p in expected if p not in flat)
+    if missing and not problems:
+        problems.append("parameters missing from the checkpoint: " + ", ".join(missing[:10])
+                        + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
+    if problems:
+        raise CheckpointError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+    return flat
+
+
+def _hf_shape(transform: Transform, ours: tuple, n: int) -> tuple:
+    if transform is TRANSPOSE:
+        return tuple(reversed(ours))
+    if transform is SPLIT3:
+        return ours[:-1] + (ours[-1] * n,)
+    return ours
+
+
+def load_pretrained(path: str, dtype: str = "float32", param_dtype: str | None = None,
+                    shardings=None, tokenizer: bool = True) -> Pretrained:
+    """Loads a local HF model directory (config.json + safetensors [+ tokenizer files]).
+
+    dtype: compute dtype; param_dtype: storage dtype (default: dtype).
+    shardings: optional pytree of `jax.sharding.Sharding` matching the parameter tree (or a
+      function cfg -> such a tree); each weight goes straight to its devices.
+    """
+    hf_config = _read_config(path)
+    try:
+        cfg = config_lib.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype)
+    except config_lib.ConfigError as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
+    tensors = _read_tensors(_weight_files(path))
+    try:
+        flat = hf_to_params(tensors, cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    params = traverse_util.unflatten_dict(
+        {k: v.astype(jnp.dtype(cfg.param_dtype)) for k, v in flat.items()})
+    if callable(shardings):
+        shardings = shardings(cfg)
+    params = jax.device_put(params, shardings) if shardings is not None else jax.device_put(params)
+    tok = load_tokenizer(path) if tokenizer else None
+    return Pretrained(cfg, params, tok, hf_config)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(path: str):
+    """The directory's tokenizer via transformers' AutoTokenizer, or None if it has none."""
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def params_to_hf(params, cfg: config_lib.ModelConfig) -> dict[str, np.ndarray]:
+    """Our parameter tree -> {HF tensor name: numpy array}."""
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in traverse_util.flatten_dict(params).items()}
+    out, used = {}, set()
+    for hf, ours, transform in NAME_TABLES[cfg.family]:
+        layers = range(cfg.num_layers) if "{i}" in hf else [None]
+        for i in layers:
+            paths = _paths(ours, i)
+            if all(p in flat for p in paths):
+                out[hf.format(i=i)] = np.ascontiguousarray(transform.to_hf([flat[p] for p in paths]))
+                used.update(paths)
+    left = sorted("/".join(p) for p in flat if p not in used)
+    if left:
+        raise CheckpointError(f"parameters with no HF name: {', '.join(left)}")
+    return out
+
+
+def save_pretrained(model: Pretrained, path: str) -> None:
+    """Writes config.json, model.safetensors and the tokenizer, loadable by transformers.
+
+    Written to a temporary directory next to `path`, then moved into place: an
+    interrupted save never leaves a half-written model at `path`.
+    """
+    hf_config = dict(model.hf_config) or config_lib.to_hf_config(model.config)
+    hf_config["dtype"] = model.config.param_dtype
+    tensors = params_to_hf(model.params, model.config)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".saving-", dir=parent)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+            os.rename(path, os.path.join(old, "model"))
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

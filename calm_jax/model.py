@@ -1,0 +1,329 @@
+"""One Flax decoder covering the Llama, Mistral, Qwen2, Qwen3, Gemma and GPT-2 families.
+
+Linen modules, applied to plain parameter pytrees through `forward`. The layer loop is a
+Python loop so that callers can *tap* the residual stream after any layer and *modify* it
+there (`hooks`): that is where the composition reads the augmenting models and writes
+into the anchor.
+
+Tap convention: `taps[i]` is the residual stream after decoder layer i (0-based), after
+any hook at layer i has run. Without hooks, `taps[i]` equals HF's `hidden_states[i + 1]`
+for i < num_layers - 1; HF's last entry `hidden_states[num_layers]` is the final-normed
+stream, i.e. `final_norm(taps[num_layers - 1])`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from calm_jax import masks
+from calm_jax.config import ModelConfig
+
+Hook = Callable[[jax.Array], jax.Array]
+
+_ACTIVATIONS = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values for S slots, written left to right from `index`."""
+
+    k: tuple  # per layer: k_BxSxGxK (G = kv heads, K = head dim)
+    v: tuple
+    valid_BxS: jax.Array  # slot holds a real (non-padding) token
+    pos_BxS: jax.Array  # RoPE position of the token in each slot
+    index: jax.Array  # scalar int32: the next free slot
+
+    @property
+    def length(self) -> int:
+        return self.valid_BxS.shape[1]
+
+
+@struct.dataclass
+class LMOutput:
+    logits_BxTxV: jax.Array | None
+    taps: dict  # layer index -> h_BxTxD
+    cache: KVCache | None = None
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """An empty cache of `length` slots. Decoding must not write past `length`."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   valid_BxS=jnp.zeros((batch, length), bool), pos_BxS=jnp.zeros((batch, length), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+
+def multihead_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: float):
+    """Grouped-query attention with fp32 scores and softmax. Returns out_BxTxHxK."""
+    b, t, h, kd = q_BxTxHxK.shape
+    g = k_BxSxGxK.shape[2]
+    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kd)
+    s_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                             preferred_element_type=jnp.float32) * scale
+    s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxRxTxS, masks.NEG_INF)
+    p_BxGxRxTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
+    out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxSxGxK)
+    return out_BxTxGxRxK.reshape(b, t, h, kd)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies (head_dim/2,), computed as transformers does (fp32)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    if cfg.rope_type == "linear":
+        inv = inv / np.float32(cfg.rope_factor)
+    elif cfg.rope_type == "llama3":
+        old = cfg.rope_original_max_positions
+        low_wavelen = old / cfg.rope_low_freq_factor
+        high_wavelen = old / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x_BxTxHxK, cos_BxTxK, sin_BxTxK):
+    half = x_BxTxHxK.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxHxK[..., half:], x_BxTxHxK[..., :half]], axis=-1)
+    out = x_BxTxHxK.astype(jnp.float32) * cos_BxTxK[:, :, None] + rotated.astype(jnp.float32) * sin_BxTxK[:, :, None]
+    return out.astype(x_BxTxHxK.dtype)
+
+
+def _dense(cfg: ModelConfig, features: int, bias: bool, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    offset: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    if cfg.norm == "layer":
+        return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    return RMSNorm(cfg.norm_eps, cfg.norm_offset, cfg.dtype, cfg.param_dtype, name=name)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, rope, mask_BxTxS, kv=None, index=None):
+        cfg = self.cfg
+        b, t, _ = x_BxTxD.shape
+        q_BxTxHxK = _dense(cfg, cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q")(x_BxTxD)
+        k_BxTxGxK = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k")(x_BxTxD)
+        v_BxTxGxK = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v")(x_BxTxD)
+        q_BxTxHxK = q_BxTxHxK.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k_BxTxGxK = k_BxTxGxK.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v_BxTxGxK = v_BxTxGxK.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q_BxTxHxK = RMSNorm(cfg.norm_eps, 0.0, cfg.dtype, cfg.param_dtype, name="q_norm")(q_BxTxHxK)
+            k_BxTxGxK = RMSNorm(cfg.norm_eps, 0.0, cfg.dtype, cfg.param_dtype, name="k_norm")(k_BxTxGxK)
+        if rope is not None:
+            q_BxTxHxK = apply_rope(q_BxTxHxK, *rope)
+            k_BxTxGxK = apply_rope(k_BxTxGxK, *rope)
+        new_kv = None
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_BxTxGxK = jax.lax.dynamic_update_slice(k_cache, k_BxTxGxK.astype(k_cache.dtype), (0, index, 0, 0))
+            v_BxTxGxK = jax.lax.dynamic_update_slice(v_cache, v_BxTxGxK.astype(v_cache.dtype), (0, index, 0, 0))
+            new_kv = (k_BxTxGxK, v_BxTxGxK)
+        out_BxTxHxK = multihead_attention(q_BxTxHxK, k_BxTxGxK.astype(q_BxTxHxK.dtype),
+                                          v_BxTxGxK.astype(q_BxTxHxK.dtype), mask_BxTxS, cfg.scale)
+        out_BxTxD = _dense(cfg, x_BxTxD.shape[-1], cfg.o_bias, "o")(out_BxTxHxK.reshape(b, t, -1))
+        return out_BxTxD, new_kv
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg = self.cfg
+        act = _ACTIVATIONS[cfg.activation]
+        up_BxTxF = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up")(x_BxTxD)
+        if cfg.mlp == "gated":
+            up_BxTxF = act(_dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate")(x_BxTxD)) * up_BxTxF
+        else:
+            up_BxTxF = act(up_BxTxF)
+        return _dense(cfg, x_BxTxD.shape[-1], cfg.mlp_bias, "down")(up_BxTxF)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD, rope, mask_BxTxS, kv=None, index=None):
+        a_BxTxD, new_kv = Attention(self.cfg, name="attn")(
+            make_norm(self.cfg, "ln1")(h_BxTxD), rope, mask_BxTxS, kv, index)
+        h_BxTxD = h_BxTxD + a_BxTxD
+        h_BxTxD = h_BxTxD + MLP(self.cfg, name="mlp")(make_norm(self.cfg, "ln2")(h_BxTxD))
+        return h_BxTxD, new_kv
+
+
+class Decoder(nn.Module):
+    """The decoder LM. Use through `forward(cfg, params, ...)`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, mask_BxT, cache: KVCache | None = None,
+                 taps: Sequence[int] = (), hooks: Mapping[int, Hook] | None = None, logits: bool = True):
+        cfg = self.cfg
+        hooks = hooks or {}
+        b, t = tokens_BxT.shape
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        h_BxTxD = embed(tokens_BxT)
+        if cfg.embed_scale:
+            h_BxTxD = h_BxTxD * jnp.asarray(math.sqrt(cfg.hidden_size), h_BxTxD.dtype)
+        if cfg.position == "learned":
+            h_BxTxD = h_BxTxD + nn.Embed(cfg.max_positions, cfg.hidden_size, dtype=cfg.dtype,
+                                         param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.01),
+                                         name="pos_embed")(positions_BxT)
+        rope = None
+        if cfg.position == "rope":
+            freqs_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
+            freqs_BxTxK = jnp.concatenate([freqs_BxTxK2, freqs_BxTxK2], axis=-1)
+            rope = (jnp.cos(freqs_BxTxK), jnp.sin(freqs_BxTxK))
+
+        if cache is None:
+            q_slot_T = k_slot_S = jnp.arange(t)
+            k_valid_BxS, k_pos_BxS, index = mask_BxT, positions_BxT, None
+        else:
+            index = cache.index
+            q_slot_T = index + jnp.arange(t)
+            k_slot_S = jnp.arange(cache.length)
+            k_valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, mask_BxT, (0, index))
+            k_pos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, positions_BxT.astype(jnp.int32), (0, index))
+        full_mask = masks.attention_mask(q_slot_T, k_slot_S, k_valid_BxS)
+        window_mask = None
+        if cfg.sliding_window is not None:
+            window_mask = masks.attention_mask(q_slot_T, k_slot_S, k_valid_BxS, positions_BxT, k_pos_BxS,
+                                               cfg.sliding_window)
+
+        # Without logits, layers after the last tap cannot affect anything returned.
+        last = cfg.num_layers if logits else max(list(taps) + list(hooks) + [-1]) + 1
+        tapped, new_k, new_v = {}, [], []
+        for i in range(cfg.num_layers):
+            if i >= last:
+                if cache is not None:
+                    new_k.append(cache.k[i])
+                    new_v.append(cache.v[i])
+                continue
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            mask_BxTxS = window_mask if cfg.uses_window(i) else full_mask
+            h_BxTxD, layer_kv = Block(cfg, name=f"layers_{i}")(h_BxTxD, rope, mask_BxTxS, kv, index)
+            if i in hooks:
+                h_BxTxD = hooks[i](h_BxTxD)
+            if i in taps:
+                tapped[i] = h_BxTxD
+            if cache is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid_BxS=k_valid_BxS, pos_BxS=k_pos_BxS,
+                                index=index + t)
+        logits_BxTxV = None
+        if logits:
+            h_BxTxD = make_norm(cfg, "final_norm")(h_BxTxD)
+            if cfg.tie_embeddings:
+                logits_BxTxV = embed.attend(h_BxTxD)
+            else:
+                logits_BxTxV = _dense(cfg, cfg.vocab_size, False, "lm_head")(h_BxTxD)
+            logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+        return LMOutput(logits_BxTxV=logits_BxTxV, taps=tapped, cache=new_cache)
+
+
+def forward(cfg: ModelConfig, params, tokens_BxT, mask_BxT=None, positions_BxT=None, cache: KVCache | None = None,
+            taps: Sequence[int] = (), hooks: Mapping[int, Hook] | None = None, logits: bool = True) -> LMOutput:
+    """Runs the LM on `tokens_BxT`.
+
+    mask_BxT: True for real tokens, False for padding (default: all real). Left or right
+      padding both work; positions default to the count of real tokens before each slot
+      (plus those already in `cache`).
+    cache: if given, the tokens are written at `cache.index` and attend to everything
+      cached; the updated cache is returned in the output.
+    taps: layer indices whose output (the residual stream after layer i) to return.
+    hooks: {layer i: fn(h_BxTxD) -> h_BxTxD}, applied to the stream after layer i.
+    logits: False skips the final norm and head (and all layers after the last tap/hook).
+    """
+    for i in list(taps) + list(hooks or {}):
+        if not 0 <= i < cfg.num_layers:
+            raise IndexError(f"layer index {i} out of range for a {cfg.num_layers}-layer {cfg.family} model")
+    if mask_BxT is None:
+        mask_BxT = jnp.ones(tokens_BxT.shape, bool)
+    mask_BxT = mask_BxT.astype(bool)
+    if positions_BxT is None:
+        offset_B = None if cache is None else cache.valid_BxS.sum(-1).astype(jnp.int32)
+        positions_BxT = masks.positions_from_mask(mask_BxT, offset_B)
+    return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxT, cache,
+                              tuple(taps), hooks, logits)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+    """Random parameters (normal(0.02) weights), for models trained from scratch."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(cfg).init(rng, tokens, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))["params"]
+
+
+def param_shapes(cfg: ModelConfig):
+    """The parameter tree as ShapeDtypeStructs; nothing is allocated."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+class PlainLM:
+    """The interface generation and evaluation use, for a single LM.
+
+    A composed model (`calm_jax.composition.ComposedLM`) offers the same three members, so
+    code written against them takes either:
+      - `apply(params, tokens_BxT, mask_BxT=None, cache=None) -> LMOutput`
+      - `init_cache(batch, length)` -> the cache pytree `apply` takes and returns
+      - `vocab_size`, `max_positions`
+    Parameters stay an explicit argument so jitted callers never bake weights in as constants.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.max_positions = cfg.max_positions
+
+    def apply(self, params, tokens_BxT, mask_BxT=None, cache=None) -> LMOutput:
+        return forward(self.cfg, params, tokens_BxT, mask_BxT, cache=cache)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        return init_cache(self.cfg, batch, length)

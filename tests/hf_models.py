@@ -1,0 +1,59 @@
+"""Tiny random Hugging Face models, built locally with transformers + torch."""
+
+import os
+
+import torch
+import transformers
+
+VOCAB = 96
+_BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0)
+
+# name -> (config class, model class, overrides). Between them they cover GQA,
+# head_dim != hidden/heads, tied and untied heads, rope scaling, sliding windows, biases.
+SPECS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=50000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama_tied_headdim": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=1, head_dim=24, tie_word_embeddings=True, attention_bias=True,
+        rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=5,
+                                                             tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32,
+                                                       tie_word_embeddings=False)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=32)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
+}
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """A random HF model whose every weight (norms included) is perturbed away from its init."""
+    cfg_cls, model_cls, overrides = SPECS[name]
+    if overrides is None:  # GPT-2 spells its config differently
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128,
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    else:
+        config = getattr(transformers, cfg_cls)(**{**_BASE, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf_model(name: str, path: str, seed: int = 0):
+    model = make_hf_model(name, seed)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logits_and_hidden(model, tokens, mask, positions):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask, dtype=torch.long),
+                    position_ids=torch.tensor(positions), output_hidden_states=True)
+    return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
