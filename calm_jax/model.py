@@ -295,6 +295,11 @@ def forward(cfg: ModelConfig, params, tokens_BxT, mask_BxT=None, positions_BxT=N
                               tuple(taps), hooks, logits)
 
 
+def final_norm(cfg: ModelConfig, params, h_BxTxD):
+    """The model's final norm on a residual stream: maps `taps[num_layers - 1]` to HF's last hidden state."""
+    return make_norm(cfg, "final_norm").apply({"params": params["final_norm"]}, h_BxTxD)
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array):
     """Random parameters (normal(0.02) weights), for models trained from scratch."""
     tokens = jnp.zeros((1, 1), jnp.int32)
