@@ -1,0 +1,258 @@
+"""Generation for a plain LM or a composition: one jitted decode loop over the model's cache.
+
+The loop only knows the model interface of `calm_jax.model.PlainLM` (`apply(params,
+tokens_BxT, mask_BxT, cache) -> LMOutput`, `init_cache`, `vocab_size`, `max_positions`), so
+a composed model decodes through the same code: its `apply` advances the anchor's cache,
+each augmenting model's cache and the cross-attention keys/values itself (iterative
+decoding), or keeps the augmenting states of the prompt (encoder mode).
+
+Prompts are left-padded to a bucketed length, so every row's last prompt token sits in the
+same slot and one prefill pass serves the batch; one `jax.lax.while_loop` then feeds one
+token per step. The compiled function depends only on (model, batch, prompt bucket,
+max_new_tokens, sampling): prompt lengths within a bucket reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from calm_jax import data as data_lib
+
+MIN_BUCKET = 8
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot be served (bad prompt, stop token or length)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 means greedy (argmax); top_k 0 and
+    top_p 1 switch those filters off. Hashable: it is a static argument of the decode loop."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One row's result. `tokens` are the generated ids, ending with the stop token when one
+    was produced (`stopped`); `text` is their detokenization without the stop token (None
+    without a tokenizer); `num_generated == len(tokens)`."""
+
+    tokens: list[int]
+    text: str | None
+    num_generated: int
+    stopped: bool
+
+
+@struct.dataclass
+class DecodeOutput:
+    tokens_BxN: jax.Array  # generated ids; -1 after a row has stopped
+    num_B: jax.Array  # tokens generated per row, stop token included
+    stopped_B: jax.Array  # the row ended on a stop token
+
+
+@struct.dataclass
+class _State:
+    step: jax.Array  # scalar: tokens generated so far (same for every row still running)
+    tokens_BxN: jax.Array
+    num_B: jax.Array
+    done_B: jax.Array
+    stopped_B: jax.Array
+    context: Any  # the model's cache, or (tokens_BxL, mask_BxL) when decoding without one
+    rng: jax.Array
+
+
+def select_token(logits_BxV, sampling: Sampling, rng) -> jax.Array:
+    """The next token per row (int32), greedy or sampled with temperature/top-k/top-p."""
+    if sampling.greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, min(sampling.top_k, logits_BxV.shape[-1]))[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if sampling.top_p < 1:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass
+        # strictly before it is still below top_p (so the most likely token always stays).
+        keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < sampling.top_p
+        cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def _record(state: _State, token_B, stop_ids_S) -> _State:
+    running_B = ~state.done_B
+    is_stop_B = (token_B[:, None] == stop_ids_S[None, :]).any(-1)
+    tokens_BxN = state.tokens_BxN.at[:, state.step].set(jnp.where(running_B, token_B, -1))
+    return state.replace(step=state.step + 1, tokens_BxN=tokens_BxN, num_B=state.num_B + running_B,
+                         done_B=state.done_B | is_stop_B, stopped_B=state.stopped_B | (running_B & is_stop_B))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "use_cache"))
+def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_tokens: int,
+           sampling: Sampling = Sampling(), use_cache: bool = True) -> DecodeOutput:
+    """Generates up to `max_new_tokens` per row, all inside one compiled function.
+
+    tokens_BxP/mask_BxP: left-padded prompts (every row's last slot is a real token).
+    stop_ids_S: int32 ids that end a row (kept as its last token); S may be 0.
+    rng: a PRNG key (unused when greedy).
+    use_cache=False re-runs the full forward over a fixed (P + max_new_tokens) buffer every
+      step: the no-cache baseline for benchmarks, equal to cached decoding for a plain LM
+      or an iterative composition.
+    """
+    b, p = tokens_BxP.shape
+    n = max_new_tokens
+    mask_BxP = mask_BxP.astype(bool)
+    if use_cache:
+        # The last generated token is never fed back, hence n - 1 slots after the prompt.
+        out = model.apply(params, tokens_BxP, mask_BxP, cache=model.init_cache(b, p + n - 1))
+        context, logits_BxV = out.cache, out.logits_BxTxV[:, -1]
+    else:
+        buf_BxL = jnp.concatenate([tokens_BxP, jnp.zeros((b, n), tokens_BxP.dtype)], axis=1)
+        bmask_BxL = jnp.concatenate([mask_BxP, jnp.zeros((b, n), bool)], axis=1)
+        context = (buf_BxL, bmask_BxL)
+        logits_BxV = model.apply(params, buf_BxL, bmask_BxL).logits_BxTxV[:, p - 1]
+    rng, key = jax.random.split(rng)
+    state = _State(step=jnp.zeros((), jnp.int32), tokens_BxN=jnp.full((b, n), -1, jnp.int32),
+                   num_B=jnp.zeros((b,), jnp.int32), done_B=jnp.zeros((b,), bool),
+                   stopped_B=jnp.zeros((b,), bool), context=context, rng=rng)
+    state = _record(state, select_token(logits_BxV, sampling, key), stop_ids_S)
+
+    def cond(s: _State):
+        return (s.step < n) & ~jnp.all(s.done_B)
+
+    def body(s: _State):
+        last_B = s.tokens_BxN[:, s.step - 1]
+        # Finished rows feed padding: their caches stop gaining valid slots.
+        feed_B = jnp.where(s.done_B, 0, last_B)
+        if use_cache:
+            out = model.apply(params, feed_B[:, None], ~s.done_B[:, None], cache=s.context)
+            context, logits_BxV = out.cache, out.logits_BxTxV[:, -1]
+        else:
+            buf_BxL, bmask_BxL = s.context
+            slot = p + s.step - 1
+            buf_BxL = jax.lax.dynamic_update_slice(buf_BxL, feed_B[:, None].astype(buf_BxL.dtype), (0, slot))
+            bmask_BxL = jax.lax.dynamic_update_slice(bmask_BxL, ~s.done_B[:, None], (0, slot))
+            logits_BxTxV = model.apply(params, buf_BxL, bmask_BxL).logits_BxTxV
+            context = (buf_BxL, bmask_BxL)
+            logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, slot, axis=1, keepdims=False)
+        rng, key = jax.random.split(s.rng)
+        return _record(s.replace(context=context, rng=rng), select_token(logits_BxV, sampling, key), stop_ids_S)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return DecodeOutput(tokens_BxN=state.tokens_BxN, num_B=state.num_B, stopped_B=state.stopped_B)
+
+
+def bucket_length(n: int) -> int:
+    """Prompt buckets: powers of two from MIN_BUCKET, so few shapes ever get compiled."""
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def resolve_stop_ids(stop: Sequence[str | int], vocab_size: int, tokenizer=None, stop_at_eos: bool = True) -> list[int]:
+    """Stop tokens as ids: ints are checked against the vocabulary size; strings must be one
+    token of the tokenizer's vocabulary. Adds the tokenizer's EOS when `stop_at_eos`."""
+    ids = []
+    for s in stop:
+        if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
+            if not 0 <= s < vocab_size:
+                raise GenerationError(f"stop token id {s} is out of range for a vocabulary of {vocab_size}")
+            ids.append(int(s))
+        elif isinstance(s, str):
+            if tokenizer is None:
+                raise GenerationError(f"stop token {s!r} is a string but there is no tokenizer to look it up")
+            vocab = tokenizer.get_vocab()
+            enc = tokenizer.encode(s, add_special_tokens=False) if s else []
+            if s in vocab:
+                ids.append(int(vocab[s]))
+            elif len(enc) == 1:
+                ids.append(int(enc[0]))
+            else:
+                raise GenerationError(f"stop token {s!r} is not a token of the vocabulary "
+                                      f"(it encodes to {len(enc)} tokens: {enc[:8]})")
+            if ids[-1] >= vocab_size:
+                raise GenerationError(f"stop token {s!r} has id {ids[-1]}, beyond the model's vocabulary of {vocab_size}")
+        else:
+            raise GenerationError(f"stop token {s!r} must be a token string or an int id")
+    if stop_at_eos and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return sorted(set(ids))
+
+
+def _prompt_ids(prompts, tokenizer, max_new_tokens: int, max_positions: int) -> list[list[int]]:
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise GenerationError(f"prompt {i} is text but no tokenizer was given")
+            if not prompt:
+                raise GenerationError(f"prompt {i} is empty")
+            ids, _ = data_lib.encode(tokenizer, {"prompt": prompt, "target": ""})
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty (no tokens)")
+        if len(ids) + max_new_tokens > max_positions:
+            raise GenerationError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that needs "
+                f"{len(ids) + max_new_tokens} positions, more than the model's maximum of {max_positions}")
+        out.append(ids)
+    return out
+
+
+def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int,
+             tokenizer=None, stop: Sequence[str | int] = (), stop_at_eos: bool = True,
+             sampling: Sampling = Sampling(), seed: int = 0, batch_size: int | None = None) -> list[Generation]:
+    """Generates a continuation for each prompt (text, or a list of token ids).
+
+    model: a `PlainLM` or a composed model (same interface); params: its parameter tree.
+    stop: stop tokens as token strings or ids (EOS is added when the tokenizer has one and
+      `stop_at_eos`). Rows are decoded `batch_size` at a time (default: all together); the
+      last batch is filled with copies so the compiled shape never changes.
+    Sampling is reproducible for a given seed, batch size and prompt order.
+    """
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts:
+        raise GenerationError("no prompts given")
+    ids = _prompt_ids(prompts, tokenizer, max_new_tokens, model.max_positions)
+    stop_ids_S = jnp.asarray(resolve_stop_ids(stop, model.vocab_size, tokenizer, stop_at_eos), jnp.int32)
+    batch_size = batch_size or len(ids)
+    rng = jax.random.key(seed)
+    results = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        tokens_BxP, mask_BxP = data_lib.pad_batch(rows, bucket_length(max(map(len, rows))), left=True)
+        out = jax.device_get(decode(model, params, tokens_BxP, mask_BxP, stop_ids_S,
+                                    jax.random.fold_in(rng, start), max_new_tokens=max_new_tokens, sampling=sampling))
+        for r in range(len(chunk)):
+            toks = [int(t) for t in out.tokens_BxN[r, :int(out.num_B[r])]]
+            stopped = bool(out.stopped_B[r])
+            text = None
+            if tokenizer is not None:
+                text = tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True)
+            results.append(Generation(tokens=toks, text=text, num_generated=len(toks), stopped=stopped))
+    return results
