@@ -57,3 +57,19 @@ def hf_logits_and_hidden(model, tokens, mask, positions):
         out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask, dtype=torch.long),
                     position_ids=torch.tensor(positions), output_hidden_states=True)
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+def make_tokenizer():
+    """A character-level fast tokenizer (82 ids < VOCAB): <pad>=0, <s>=1 (prepended), </s>=2, <unk>=3."""
+    import string
+
+    import tokenizers
+    from tokenizers import decoders, models, processors
+
+    chars = string.ascii_lowercase + string.digits + " .,:;!?+-*=()'\"\n" + string.ascii_uppercase
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + list(chars))}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")
