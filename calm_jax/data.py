@@ -1,14 +1,17 @@
 """Examples -> token arrays: the one place text is tokenized for training and scoring.
 
 Records are JSONL lines of `{"prompt": str, "target": str}` (loss/score on the target
-only) or `{"text": str}` (loss on everything).
+only) or `{"text": str}` (loss on everything). For training, a file is tokenized once
+into fixed-length arrays (`load_dataset`) and read in a seeded order that is a pure
+function of (seed, position) (`batch_at`), so resuming needs only the saved position.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -80,3 +83,87 @@ def pad_batch(seqs: Sequence[Sequence[int]], length: int, pad_id: int = 0, left:
         if flags is not None:
             out_flags[r, sl] = flags[r]
     return (tokens, mask, out_flags) if flags is not None else (tokens, mask)
+
+
+class Position(NamedTuple):
+    """Where the training stream stands: `index` examples of epoch `epoch` consumed."""
+
+    epoch: int
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A tokenized JSONL file, every example padded (right) to `seq_len`.
+
+    tokens_NxT (int32), mask_NxT (True on real tokens), target_NxT (True where the token
+    is scored: the target of a prompt/target record, every token of a text record).
+    """
+
+    path: str
+    tokens_NxT: np.ndarray
+    mask_NxT: np.ndarray
+    target_NxT: np.ndarray
+
+    def __len__(self) -> int:
+        return self.tokens_NxT.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens_NxT.shape[1]
+
+
+def load_dataset(path: str, tokenizer, seq_len: int, append_eos: bool = True) -> Dataset:
+    """Reads and tokenizes a JSONL file (see `encode`). Raises DataError on a record longer than seq_len."""
+    records = read_jsonl(path)
+    seqs, flags = [], []
+    for n, rec in enumerate(records, 1):
+        ids, target = encode(tokenizer, rec, append_eos)
+        if len(ids) > seq_len:
+            raise DataError(f"{path}: record {n} has {len(ids)} tokens, more than the sequence length {seq_len}")
+        if not any(target[1:]):
+            raise DataError(f"{path}: record {n} has no target token to learn from (empty target?)")
+        seqs.append(ids)
+        flags.append(target)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    tokens, mask, target = pad_batch(seqs, seq_len, pad_id=pad_id, flags=flags)
+    return Dataset(path, tokens, mask, target)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of examples for one epoch: a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_at(ds: Dataset, position: Position, batch_size: int, seed: int) -> tuple[dict, Position]:
+    """The training batch starting at `position`, and the position after it.
+
+    Examples are drawn from a stream of seeded epoch permutations; a batch may run across
+    an epoch boundary. Nothing else is remembered, so a run resumed from a saved position
+    sees exactly the batches an uninterrupted run would.
+    Returns {"tokens_BxT", "mask_BxT", "target_BxT"} as numpy arrays.
+    """
+    epoch, index = position
+    rows = []
+    while len(rows) < batch_size:
+        take = epoch_order(len(ds), seed, epoch)[index:index + batch_size - len(rows)]
+        rows.extend(take)
+        index += len(take)
+        if index == len(ds):
+            epoch, index = epoch + 1, 0
+    rows = np.asarray(rows)
+    return _rows(ds, rows), Position(epoch, index)
+
+
+def eval_batches(ds: Dataset, batch_size: int) -> Iterator[dict]:
+    """The whole file in order; the last batch is filled with empty rows (nothing scored)."""
+    for start in range(0, len(ds), batch_size):
+        rows = np.arange(start, start + batch_size)
+        batch = _rows(ds, np.minimum(rows, len(ds) - 1))
+        batch["mask_BxT"][rows >= len(ds)] = False
+        batch["target_BxT"][rows >= len(ds)] = False
+        yield batch
+
+
+def _rows(ds: Dataset, rows: np.ndarray) -> dict:
+    return {"tokens_BxT": ds.tokens_NxT[rows], "mask_BxT": ds.mask_NxT[rows], "target_BxT": ds.target_NxT[rows]}

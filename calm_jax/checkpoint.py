@@ -1,0 +1,224 @@
+"""Training checkpoints: the trained parameters, optimizer state, step, RNG and data position.
+
+Layout of a run directory:
+  RUN_DIR/bases.json          which frozen models the run belongs to (configs + content hashes)
+  RUN_DIR/checkpoints/<step>/ orbax checkpoints ("state": arrays, "meta": JSON)
+The frozen models are never written; a checkpoint is only restored against base models
+whose fingerprint matches bases.json. Orbax writes each checkpoint to a temporary
+directory and renames it when complete, so a save killed midway is never the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from calm_jax.config import ModelConfig
+from calm_jax.loading import CheckpointError
+
+# Config fields that say how a model is stored or computed, not which model it is.
+_STORAGE_FIELDS = ("dtype", "param_dtype")
+_MIX = np.uint32(2654435761)  # Knuth's multiplicative hash constant
+
+
+class BaseModelMismatch(CheckpointError):
+    """A run resumed or loaded against frozen models other than the ones it was trained with."""
+
+
+def _checksums(tree):
+    # Integer sums wrap mod 2**32 exactly in any order, so the result does not depend on
+    # how the weights are sharded. Values are rounded to bf16 first, so a model stored in
+    # bf16 matches its fp32 original.
+    def one(x_N):
+        bits = jax.lax.bitcast_convert_type(x_N.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32).ravel()
+        weight = jnp.arange(bits.size, dtype=jnp.uint32) * _MIX + np.uint32(1)
+        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+    return jax.tree.map(one, tree)
+
+
+_checksums_jit = jax.jit(_checksums)
+
+
+def content_hash(params) -> str:
+    """A deterministic hash of a parameter tree's names, shapes and (bf16-rounded) values.
+
+    One pass over the weights on their own devices; only two integers per tensor leave them.
+    """
+    sums = _checksums_jit(params)
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        h.update(f"{jax.tree_util.keystr(path)}:{tuple(np.shape(leaf))};".encode())
+    for s in jax.tree.leaves(sums):
+        h.update(np.asarray(s.addressable_data(0)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg: ModelConfig, params) -> dict:
+    """{"config": the architecture fields of `cfg`, "hash": content_hash(params)}; JSON-ready."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _STORAGE_FIELDS}
+    return json.loads(json.dumps({"config": config, "hash": content_hash(params)}))
+
+
+def check_bases(saved: Mapping[str, dict], given: Mapping[str, dict], where: str) -> None:
+    """Raises BaseModelMismatch naming every difference between two {name: fingerprint} maps."""
+    problems = []
+    if list(saved) != list(given):
+        problems.append(f"the run was trained with models {list(saved)}, given {list(given)}")
+    for name in saved:
+        if name not in given:
+            continue
+        a, b = saved[name]["config"], given[name]["config"]
+        diffs = [f"{k}: trained with {a.get(k)!r}, given {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                 if a.get(k) != b.get(k)]
+        if diffs:
+            problems.append(f"{name} config differs ({'; '.join(diffs)})")
+        elif saved[name]["hash"] != given[name]["hash"]:
+            problems.append(f"{name} has the same config but different weights "
+                            f"(content hash {given[name]['hash']}, trained with {saved[name]['hash']})")
+    if problems:
+        raise BaseModelMismatch(f"{where} belongs to other base models:\n  " + "\n  ".join(problems))
+
+
+class Checkpoints:
+    """The checkpoints of one run directory, tied to its base models.
+
+    bases: {name: fingerprint(...)} of the frozen models (e.g. "anchor", "augment_0"); {}
+      for plain LM training. The first use writes RUN_DIR/bases.json; later uses must match.
+    keep: how many recent checkpoints to keep.
+    """
+
+    def __init__(self, run_dir: str, bases: Mapping[str, dict], keep: int = 3, async_save: bool = True):
+        self.run_dir = os.path.abspath(run_dir)
+        bases_file = os.path.join(self.run_dir, "bases.json")
+        bases = json.loads(json.dumps(dict(bases)))
+        if os.path.isfile(bases_file):
+            with open(bases_file) as f:
+                check_bases(json.load(f), bases, f"run directory {self.run_dir}")
+        elif jax.process_index() == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(bases_file + ".tmp", "w") as f:
+                json.dump(bases, f, indent=1)
+            os.replace(bases_file + ".tmp", bases_file)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(os.path.join(self.run_dir, "checkpoints"), options=options,
+                                             item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+        """Starts saving `state` (a pytree of arrays) and `meta` (JSON) as checkpoint `step`."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(dict(meta))))
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """(state, meta) of checkpoint `step` (default: the latest complete one).
+
+        abstract_state: the state's tree of jax.ShapeDtypeStruct, with `.sharding` where
+        the arrays should go.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.run_dir} has no checkpoint")
+        if step not in self.manager.all_steps():
+            raise CheckpointError(f"{self.run_dir} has no checkpoint for step {step} "
+                                  f"(has {sorted(self.manager.all_steps())})")
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs for `tree`'s leaves (with the given shardings, if any)."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+
+def read_bases(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "bases.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir} is not a training run directory (no bases.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+# --- compositions ---------------------------------------------------------------------
+
+_COMPOSITION_FILE = "composition.json"
+_COMPOSITION_FIELDS = ("num_heads", "query_norm", "zero_init_out", "gate", "dtype")
+
+
+def composition_bases(anchor, augments) -> dict:
+    """{"anchor": fingerprint, "augment_0": ..., ...} of Pretrained-like models (.config, .params)."""
+    out = {"anchor": fingerprint(anchor.config, anchor.params)}
+    out.update({f"augment_{k}": fingerprint(a.config, a.params) for k, a in enumerate(augments)})
+    return out
+
+
+def save_composition_config(run_dir: str, ccfg) -> None:
+    """Writes how Θ_C is wired (connections, heads, options) next to the checkpoints."""
+    record = {"connections": [[list(p) for p in pairs] for pairs in ccfg.connections],
+              **{k: getattr(ccfg, k) for k in _COMPOSITION_FIELDS}}
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, _COMPOSITION_FILE), "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def load_composition(run_dir: str, anchor, augments, step: int | None = None):
+    """(CompositionConfig, Θ_C) of a trained `train.compose` run, for evaluation or generation.
+
+    anchor, augments: the frozen models, each a `Pretrained` (config and params: the configs
+      and the content hashes are checked) or a bare ModelConfig (only the config is checked).
+    step: which checkpoint (default: the latest). Raises BaseModelMismatch on other models.
+    """
+    from calm_jax import composition as comp
+
+    path = os.path.join(run_dir, _COMPOSITION_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir} is not a train.compose run directory (no {_COMPOSITION_FILE})")
+    with open(path) as f:
+        record = json.load(f)
+    models = [anchor, *augments]
+    saved = read_bases(run_dir)
+    given = {}
+    for name, m in zip(["anchor"] + [f"augment_{k}" for k in range(len(augments))], models):
+        if isinstance(m, ModelConfig):
+            given[name] = {"config": fingerprint(m, {})["config"], "hash": saved.get(name, {}).get("hash")}
+        else:
+            given[name] = fingerprint(m.config, m.params)
+    check_bases(saved, given, f"composition {run_dir}")
+    cfgs = [m if isinstance(m, ModelConfig) else m.config for m in models]
+    ccfg = comp.CompositionConfig(anchor=cfgs[0], augments=tuple(cfgs[1:]),
+                                  connections=tuple(tuple(map(tuple, p)) for p in record["connections"]),
+                                  **{k: record[k] for k in _COMPOSITION_FIELDS})
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    theta_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                jax.eval_shape(lambda: comp.init_theta(ccfg, jax.random.key(0))))
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), "checkpoints"),
+                                    options=ocp.CheckpointManagerOptions(create=False), item_names=("state", "meta"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint")
+    # Only Θ_C is read; the optimizer state stays on disk.
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"trainable": theta_shapes}, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args({"trainable": theta_shapes}))))
+    manager.close()
+    return ccfg, restored["state"]["trainable"]

@@ -1,0 +1,146 @@
+"""The train step: one jitted function, generic over which parameters are trained.
+
+A loss function `loss_fn(trainable, frozen, batch) -> (loss_sum, n_tokens)` says how the
+two parameter trees make a prediction. For the composition, trainable = Θ_C and frozen =
+{"anchor", "augments"}; for plain LM training, trainable = all weights and frozen = {}.
+`jax.value_and_grad` runs over `trainable` only, so the frozen trees get no gradients,
+no optimizer state, and are never returned (nor copied: they are plain jit inputs).
+
+Gradient accumulation is a `lax.scan` over micro-batches inside the step rather than
+`optax.MultiSteps`: the loss is a sum over target tokens divided once by their total
+count, so k micro-batches give exactly the gradient of the one big batch (MultiSteps
+averages per-micro-batch means, which weights tokens unequally when micro-batches hold
+different numbers of targets), there is one optimizer update per call, and the optimizer
+state carries no extra gradient-sized buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = dict  # {"tokens_BxT": int32, "mask_BxT": bool, "target_BxT": bool}
+LossFn = Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]
+
+
+def next_token_loss(logits_BxTxV, tokens_BxT, target_BxT):
+    """Summed cross-entropy of predicting token t+1 at position t, where token t+1 is a target.
+
+    fp32 log-softmax. Returns (loss_sum, n_tokens), both fp32 scalars.
+    """
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    nll_BxT = -jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    w_BxT = target_BxT[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT)
+
+
+def lm_loss(apply: Callable, join: Callable[[Any, Any], Any] | None = None) -> LossFn:
+    """A loss_fn for anything with the LM interface `apply(params, tokens_BxT, mask_BxT) -> LMOutput`.
+
+    join(trainable, frozen) -> params builds `apply`'s parameters (default: trainable alone).
+    """
+    def loss_fn(trainable, frozen, batch):
+        params = trainable if join is None else join(trainable, frozen)
+        out = apply(params, batch["tokens_BxT"], batch["mask_BxT"])
+        return next_token_loss(out.logits_BxTxV, batch["tokens_BxT"], batch["target_BxT"])
+    return loss_fn
+
+
+def join_composition(theta, frozen):
+    """Composition parameters from Θ_C and the frozen {"anchor", "augments"} trees."""
+    return {"theta": theta, **frozen}
+
+
+def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float = 0.0, clip: float = 1.0,
+                   end_lr_ratio: float = 0.0) -> optax.GradientTransformation:
+    """AdamW with linear warmup to `lr`, cosine decay to `end_lr_ratio * lr` at `steps`, global-norm clipping."""
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(lr_schedule(lr, steps, warmup, end_lr_ratio),
+                                                                   weight_decay=weight_decay))
+
+
+def lr_schedule(lr: float, steps: int, warmup: int = 0, end_lr_ratio: float = 0.0) -> optax.Schedule:
+    """lr * (t + 1) / warmup for the first `warmup` steps (so step 0 already learns), then cosine."""
+    cosine = optax.cosine_decay_schedule(lr, max(steps - warmup, 1), alpha=end_lr_ratio)
+    if warmup <= 0:
+        return cosine
+    return optax.join_schedules([optax.linear_schedule(lr / warmup, lr, max(warmup - 1, 1)), cosine], [warmup])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where each step input lives (pytrees of `jax.sharding.Sharding`); see calm_jax.sharding."""
+
+    trainable: Any
+    opt_state: Any
+    frozen: Any
+    batch: Any
+    replicated: Any
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, grad_accum: int = 1,
+                    shardings: StepShardings | None = None):
+    """Returns step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics), jitted.
+
+    `trainable` and `opt_state` are donated: do not use the arrays passed in after the call.
+    The batch's leading dimension B is split into `grad_accum` micro-batches of B/k rows.
+    metrics: {"loss" (mean over target tokens), "tokens" (target tokens), "grad_norm" (before clipping)}.
+    """
+    def grads_of(trainable, frozen, batch):
+        (loss_sum, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch)
+        return loss_sum, n, grads
+
+    def step(trainable, opt_state, frozen, batch):
+        if grad_accum == 1:
+            loss_sum, n, grads = grads_of(trainable, frozen, batch)
+        else:
+            def split(x_BxR):
+                b = x_BxR.shape[0]
+                # Rows i, i+k, i+2k, ... form micro-batch i, so each device's contiguous shard
+                # of the batch feeds every micro-batch and no rows move between devices.
+                return jnp.swapaxes(x_BxR.reshape(b // grad_accum, grad_accum, *x_BxR.shape[1:]), 0, 1)
+
+            def body(carry, micro):
+                loss_sum, n, grads = grads_of(trainable, frozen, micro)
+                return jax.tree.map(jnp.add, carry, (loss_sum, n, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                     jax.tree.map(jnp.zeros_like, trainable))
+            (loss_sum, n, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss_sum / denom, "tokens": n, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, metrics
+
+    def check(batch):
+        b = jax.tree.leaves(batch)[0].shape[0]
+        if b % grad_accum:
+            raise ValueError(f"batch size {b} is not divisible by grad_accum {grad_accum}")
+
+    if shardings is None:
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+    else:
+        s = shardings
+        jitted = jax.jit(step, donate_argnums=(0, 1),
+                         in_shardings=(s.trainable, s.opt_state, s.frozen, s.batch),
+                         out_shardings=(s.trainable, s.opt_state, s.replicated))
+
+    def run(trainable, opt_state, frozen, batch):
+        check(batch)
+        return jitted(trainable, opt_state, frozen, batch)
+
+    run.jitted = jitted  # for lowering / cost analysis
+    return run
+
+
+def make_eval_step(loss_fn: LossFn, shardings: StepShardings | None = None):
+    """Returns eval(trainable, frozen, batch) -> (loss_sum, n_tokens), jitted."""
+    if shardings is None:
+        return jax.jit(loss_fn)
+    s = shardings
+    return jax.jit(loss_fn, in_shardings=(s.trainable, s.frozen, s.batch), out_shardings=s.replicated)

@@ -1,0 +1,258 @@
+"""The training loop: placement on the mesh, steps, progress, metrics, eval, checkpoints.
+
+Generic over what is trained (see calm_jax.train_step): `train.compose` passes Θ_C as
+`trainable` and the frozen models as `frozen`; plain LM training passes all weights as
+`trainable` and `frozen={}`. Writes to RUN_DIR:
+  metrics.jsonl  one JSON line per step ({"step", "loss", "tokens", "grad_norm", "lr",
+                 "tokens_per_s"}) and per eval ({"step", "eval_loss", "eval_tokens"})
+  loss.png       the loss curve, at the end
+  bases.json, checkpoints/   see calm_jax.checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calm_jax import checkpoint as ckpt
+from calm_jax import data as data_lib
+from calm_jax import sharding as shard_lib
+from calm_jax import train_step as ts
+from calm_jax.loading import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the models and the data files."""
+
+    steps: int = 1000
+    batch_size: int = 8  # global, before splitting into grad_accum micro-batches
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    end_lr_ratio: float = 0.1  # cosine decay ends at lr * end_lr_ratio
+    weight_decay: float = 0.0
+    clip: float = 1.0  # global gradient norm
+    grad_accum: int = 1
+    seed: int = 0  # data order (and the saved RNG)
+    mesh: str = ""  # "data=4,model=2"; empty: every device on the data axis
+    fsdp: bool = True  # also shard weights over the data axis
+    eval_every: int = 200  # steps; 0: only at the end
+    eval_batches: int = 0  # 0: the whole eval file
+    save_every: int = 200  # steps; a checkpoint is always written at the end
+    keep: int = 3  # checkpoints kept
+    append_eos: bool = True  # end each target with EOS, so the model learns to stop
+    progress: bool = True  # tqdm bar
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    trainable: Any  # the trained parameters, on the mesh
+    step: int
+    losses: list  # (step, loss) of the steps this call ran
+    eval_loss: float | None
+    mesh: Any
+
+
+def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, frozen: Any,
+          data: data_lib.Dataset, eval_data: data_lib.Dataset | None = None,
+          bases: Mapping[str, dict] | None = None, resume: bool = False, mesh=None,
+          meta: Mapping[str, Any] | None = None) -> TrainResult:
+    """Trains `trainable` (with `frozen` held fixed) for cfg.steps steps, checkpointing to run_dir.
+
+    bases: {name: checkpoint.fingerprint(...)} of the frozen models; checked against the
+      run directory's record before anything is restored.
+    resume: continue from the latest checkpoint in run_dir (exactly: same batches, same
+      optimizer state). Without it, a run_dir that has checkpoints is refused.
+    mesh: a jax Mesh (default: built from cfg.mesh). Place `frozen` with
+      sharding.param_shardings(mesh, ...) before calling to avoid a copy.
+    meta: extra JSON stored with every checkpoint.
+    """
+    mesh = mesh if mesh is not None else shard_lib.make_mesh(cfg.mesh)
+    if cfg.batch_size // cfg.grad_accum % mesh.shape["data"]:
+        raise shard_lib.MeshError(f"micro-batch size {cfg.batch_size // cfg.grad_accum} (batch_size / grad_accum) "
+                                  f"is not divisible by the mesh's data axis ({mesh.shape['data']})")
+    if data.seq_len != cfg.seq_len:
+        raise ValueError(f"{data.path} was tokenized to length {data.seq_len}, the config says {cfg.seq_len}")
+    main = jax.process_index() == 0
+    optimizer = ts.make_optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay, cfg.clip, cfg.end_lr_ratio)
+    schedule = ts.lr_schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.end_lr_ratio)
+
+    t_sh = shard_lib.param_shardings(mesh, trainable, fsdp=cfg.fsdp)
+    o_sh = shard_lib.param_shardings(mesh, jax.eval_shape(optimizer.init, trainable), fsdp=cfg.fsdp)
+    f_sh = shard_lib.param_shardings(mesh, frozen, fsdp=cfg.fsdp)
+    shardings = ts.StepShardings(t_sh, o_sh, f_sh, shard_lib.batch_sharding(mesh), shard_lib.replicated(mesh))
+    frozen = jax.device_put(frozen, f_sh)  # no copy when the caller placed them already
+    # A copy, because the step donates (deletes) the trainable arrays it is given.
+    trainable = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=t_sh)(trainable)
+    opt_state = jax.jit(optimizer.init, out_shardings=o_sh)(trainable)
+    rng = jax.random.key_data(jax.random.key(cfg.seed))
+
+    checkpoints = ckpt.Checkpoints(run_dir, bases or {}, keep=cfg.keep)
+    latest = checkpoints.latest_step()
+    if latest is not None and not resume:
+        raise CheckpointError(f"{run_dir} already has checkpoints (latest: step {latest}); "
+                              "resume it (--resume) or choose another output directory")
+    step, position = 0, data_lib.Position(0, 0)
+    state = {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": rng}
+    if resume and latest is not None:
+        rep = shard_lib.replicated(mesh)
+        state, saved = checkpoints.restore(ckpt.abstract(
+            state, {"trainable": t_sh, "opt_state": o_sh, "step": rep, "rng": rep}))
+        step, position = int(state["step"]), data_lib.Position(*saved["data_position"])
+        if step >= cfg.steps:
+            print(f"{run_dir}: already trained for {step} steps (asked for {cfg.steps})")
+    trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
+
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if main:
+        _truncate_metrics(metrics_path, step)
+    train_step = ts.make_train_step(loss_fn, optimizer, cfg.grad_accum, shardings)
+    eval_step = ts.make_eval_step(loss_fn, shardings) if eval_data is not None else None
+
+    def evaluate():
+        total, count = 0.0, 0.0
+        for i, batch in enumerate(data_lib.eval_batches(eval_data, cfg.batch_size // cfg.grad_accum)):
+            if cfg.eval_batches and i >= cfg.eval_batches:
+                break
+            loss_sum, n = eval_step(trainable, frozen, shard_lib.put_batch(mesh, batch))
+            total, count = total + float(loss_sum), count + float(n)
+        return total / max(count, 1.0), count
+
+    def save():
+        checkpoints.save(step, {"trainable": trainable, "opt_state": opt_state,
+                                "step": jnp.asarray(step, jnp.int32), "rng": rng},
+                         {"data_position": list(position), "step": step, "train_config": dataclasses.asdict(cfg),
+                          **(meta or {})})
+
+    losses, eval_loss = [], None
+    bar = _progress(cfg, step) if main else None
+    with open(metrics_path, "a") if main else _Null() as log:
+        pending = None  # the previous step's metrics, read after the next step is dispatched
+        last_time, tokens_since = time.perf_counter(), 0
+        start = step
+        while step < cfg.steps:
+            batch, position = data_lib.batch_at(data, position, cfg.batch_size, cfg.seed)
+            tokens_since += int(batch["mask_BxT"].sum())
+            trainable, opt_state, metrics = train_step(trainable, opt_state, frozen,
+                                                       shard_lib.put_batch(mesh, batch))
+            step += 1
+            if pending is not None:
+                _record(pending, log, bar, losses)
+            now = time.perf_counter()
+            pending = (step, metrics, float(schedule(step - 1)), tokens_since / max(now - last_time, 1e-9))
+            last_time, tokens_since = now, 0
+            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0) or (
+                    cfg.save_every and step % cfg.save_every == 0):
+                _record(pending, log, bar, losses)
+                pending = None
+                if eval_step is not None and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    eval_loss, n = evaluate()
+                    _write(log, {"step": step, "eval_loss": eval_loss, "eval_tokens": n})
+                    if bar is not None:
+                        bar.write(f"step {step}: eval loss {eval_loss:.4f} over {int(n)} tokens")
+                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    save()
+                last_time = time.perf_counter()  # eval and saving are not training time
+        if pending is not None:
+            _record(pending, log, bar, losses)
+    if bar is not None:
+        bar.close()
+    checkpoints.close()
+    if main and start < cfg.steps:
+        plot_losses(metrics_path, os.path.join(run_dir, "loss.png"))
+    return TrainResult(trainable, step, losses, eval_loss, mesh)
+
+
+def _record(pending, log, bar, losses):
+    step, metrics, lr, tok_s = pending
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(m["loss"]):
+        raise FloatingPointError(f"step {step}: loss is {m['loss']}")
+    losses.append((step, m["loss"]))
+    _write(log, {"step": step, **m, "lr": lr, "tokens_per_s": tok_s})
+    if bar is not None:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+
+
+def _write(log, record):
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, _):
+        pass
+
+    def flush(self):
+        pass
+
+
+def _progress(cfg: TrainConfig, start: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not cfg.progress,
+                dynamic_ncols=True)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    # A resumed run redoes the steps after its checkpoint; drop their old lines.
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def plot_losses(metrics_path: str, png_path: str) -> None:
+    """Train (and eval) loss against step, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        records = [json.loads(ln) for ln in f if ln.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

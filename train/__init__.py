@@ -1,0 +1,1 @@
+"""Training entry points, run as `python -m train.<name>`."""

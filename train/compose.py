@@ -1,0 +1,174 @@
+"""Train a CALM composition: Θ_C between a frozen anchor and frozen augmenting model(s).
+
+    python -m train.compose --anchor DIR --augment DIR [--augment DIR ...] --data FILE --out RUN_DIR
+        [--eval-data FILE] [--steps N --batch-size B --seq-len T --lr LR --warmup N --grad-accum K]
+        [--mesh data=D,model=M] [--connections "0:3-1,0:7-3"] [--resume] [--config FILE.json]
+
+A JSON config file holds any of the flags (by their long name, "-" or "_"); flags given on
+the command line override it. Data: JSONL of {"prompt", "target"} (loss on the target) or
+{"text"}. Output in RUN_DIR: metrics.jsonl, loss.png, checkpoints/, bases.json,
+composition.json (load with calm_jax.checkpoint.load_composition).
+
+Multi-host: run the same command on every host with JAX_COORDINATOR_ADDRESS=HOST:PORT,
+JAX_NUM_PROCESSES=P and JAX_PROCESS_ID=p (or --coordinator/--num-processes/--process-id);
+RUN_DIR must be on a filesystem all hosts share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from calm_jax.trainer import TrainConfig  # importing jax does not start it; initialize can still run
+
+_TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_MODEL_DEFAULTS = dict(augment=[], eval_data=None, connections=None, num_heads=None, query_norm=False,
+                       zero_init_out=False, gate=False, frozen_dtype="float32", resume=False,
+                       coordinator=None, num_processes=None, process_id=None)
+
+
+def parse_connections(spec: str | None, n_augments: int):
+    """"0:3-1,0:7-3" (augment model:augment layer-anchor layer, 0-based) -> {model: ((3, 1), (7, 3))}."""
+    if not spec:
+        return None
+    out: dict[int, list] = {}
+    for part in spec.split(","):
+        try:
+            model, pair = part.strip().split(":")
+            i, j = pair.split("-")
+            out.setdefault(int(model), []).append((int(i), int(j)))
+        except ValueError:
+            raise SystemExit(f"--connections {spec!r}: expected 'model:augment_layer-anchor_layer' items separated "
+                             f"by commas (e.g. '0:3-1,0:7-3'), found {part!r}") from None
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.compose", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.json", help="JSON file of flag values; flags override it")
+    p.add_argument("--anchor", metavar="DIR", help="anchor m_B (Hugging Face directory)")
+    p.add_argument("--augment", metavar="DIR", action="append", help="augmenting model m_A; repeat for several")
+    p.add_argument("--data", metavar="FILE", help="training JSONL")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out JSONL for periodic eval loss")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (metrics, checkpoints, plots)")
+    p.add_argument("--connections", help="explicit pairs 'model:aug_layer-anchor_layer,...' (default: the paper's)")
+    p.add_argument("--num-heads", type=int, help="cross-attention heads (default: the anchor's)")
+    p.add_argument("--query-norm", action="store_true", default=None, help="RMSNorm on the query side (not in paper)")
+    p.add_argument("--zero-init-out", action="store_true", default=None, help="zero-init W^O (not in paper)")
+    p.add_argument("--gate", action="store_true", default=None, help="learned tanh gate (not in paper)")
+    p.add_argument("--frozen-dtype", choices=("float32", "bfloat16"), help="storage dtype of the frozen models")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from RUN_DIR's latest checkpoint")
+    t = p.add_argument_group("training (calm_jax.trainer.TrainConfig)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int, help="global batch size")
+    t.add_argument("--seq-len", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--warmup", type=int, help="linear warmup steps")
+    t.add_argument("--end-lr-ratio", type=float, help="cosine decay ends at lr * this")
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--clip", type=float, help="global gradient-norm clip")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per step")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--mesh", help="device mesh, e.g. data=4,model=2 (default: all devices on data)")
+    t.add_argument("--no-fsdp", dest="fsdp", action="store_false", default=None,
+                   help="replicate weights over the data axis")
+    t.add_argument("--eval-every", type=int)
+    t.add_argument("--eval-batches", type=int)
+    t.add_argument("--save-every", type=int)
+    t.add_argument("--keep", type=int, help="checkpoints kept")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    d = p.add_argument_group("multi-process launch (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
+    d.add_argument("--coordinator", metavar="HOST:PORT")
+    d.add_argument("--num-processes", type=int)
+    d.add_argument("--process-id", type=int)
+    return p
+
+
+def resolve(argv) -> dict:
+    """Flag values: built-in defaults < --config file < command-line flags."""
+    args = build_parser().parse_args(argv)
+    values = {**{k: f.default for k, f in _TRAIN_FIELDS.items()}, **_MODEL_DEFAULTS}
+    values.update(anchor=None, data=None, out=None)
+    if args.config:
+        try:
+            with open(args.config) as f:
+                file_values = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--config {args.config}: cannot read it as JSON ({e})") from None
+        unknown = sorted(k for k in file_values if k.replace("-", "_") not in values)
+        if unknown:
+            raise SystemExit(f"--config {args.config}: unknown keys {unknown}")
+        values.update({k.replace("-", "_"): v for k, v in file_values.items()})
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    if isinstance(values["augment"], str):
+        values["augment"] = [values["augment"]]
+    missing = [f"--{k.replace('_', '-')}" for k in ("anchor", "augment", "data", "out") if not values[k]]
+    if missing:
+        raise SystemExit(f"missing required {', '.join(missing)}")
+    try:
+        values["train"] = TrainConfig(**{k: values.pop(k) for k in list(values) if k in _TRAIN_FIELDS})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"bad training settings: {e}") from None
+    return values
+
+
+def main(argv=None) -> int:
+    v = resolve(argv)
+    from calm_jax import sharding
+    # Before anything touches a device.
+    sharding.maybe_initialize_distributed(v["coordinator"], v["num_processes"], v["process_id"])
+
+    import jax
+
+    from calm_jax import checkpoint, composition, data, trainer
+    from calm_jax.config import ConfigError
+    from calm_jax.loading import CheckpointError, load_pretrained
+    from calm_jax.model import param_shapes
+    from calm_jax.train_step import join_composition, lm_loss
+
+    cfg: TrainConfig = v["train"]
+    main_process = jax.process_index() == 0
+    say = print if main_process else (lambda *a, **k: None)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+        place = lambda mcfg: sharding.param_shardings(mesh, param_shapes(mcfg), fsdp=cfg.fsdp)  # noqa: E731
+        anchor = load_pretrained(v["anchor"], param_dtype=v["frozen_dtype"], shardings=place)
+        augments = [load_pretrained(d, param_dtype=v["frozen_dtype"], shardings=place) for d in v["augment"]]
+        if anchor.tokenizer is None:
+            raise CheckpointError(f"{v['anchor']} has no tokenizer files; the training data must be tokenized")
+        missing_tok = [d for d, a in zip(v["augment"], augments) if a.tokenizer is None]
+        if missing_tok:
+            raise CheckpointError(f"{missing_tok[0]} has no tokenizer files, so its vocabulary cannot be checked")
+        composition.check_vocabularies(anchor.tokenizer, [a.tokenizer for a in augments])
+        ccfg = composition.CompositionConfig(
+            anchor=anchor.config, augments=tuple(a.config for a in augments),
+            connections=parse_connections(v["connections"], len(augments)), num_heads=v["num_heads"],
+            query_norm=v["query_norm"], zero_init_out=v["zero_init_out"], gate=v["gate"])
+        theta = composition.init_theta(ccfg, jax.random.key(cfg.seed))
+        say(composition.describe(ccfg, theta))
+        say(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} device(s), {jax.process_count()} process(es)")
+        train_data = data.load_dataset(v["data"], anchor.tokenizer, cfg.seq_len, cfg.append_eos)
+        eval_data = (data.load_dataset(v["eval_data"], anchor.tokenizer, cfg.seq_len, cfg.append_eos)
+                     if v["eval_data"] else None)
+        say(f"data: {len(train_data)} training examples" + (f", {len(eval_data)} eval" if eval_data else ""))
+        checkpoint.save_composition_config(v["out"], ccfg)
+        frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}
+        result = trainer.train(
+            v["out"], cfg, lm_loss(composition.ComposedLM(ccfg).apply, join_composition), theta, frozen,
+            train_data, eval_data, bases=checkpoint.composition_bases(anchor, augments), resume=v["resume"],
+            mesh=mesh, meta={"anchor": v["anchor"], "augments": v["augment"]})
+    except (CheckpointError, ConfigError, composition.CompositionError, data.DataError, sharding.MeshError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
+    say(f"done: step {result.step}, last train loss {last}"
+        + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+        + f"; run directory {v['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
