@@ -1,0 +1,227 @@
+"""The decoder's own properties: KV cache, taps and hooks, causality, dtypes, shapes."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calm_jax import config as config_lib
+from calm_jax import load_pretrained, masks, model
+from tests import hf_models
+from tests.test_parity import FWD
+
+CACHE_TOL = 1e-5  # same maths in a different order (cache slots vs one block)
+
+
+class _Models(dict):
+    """name -> Pretrained, each saved by HF and loaded on first use."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self.tmp = tmp_path_factory
+
+    def __missing__(self, name):
+        path = str(self.tmp.mktemp(name))
+        hf_models.save_hf_model(name, path)
+        self[name] = load_pretrained(path)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return _Models(tmp_path_factory)
+
+
+def decode_batch(length=12, prompt=6):
+    """Row 0: left-padded prompt; row 1: right-padded prompt, so its decoded tokens follow padding."""
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(3, hf_models.VOCAB, (2, length)).astype(np.int32)
+    mask = np.ones((2, length), bool)
+    mask[0, :2] = False
+    mask[1, prompt - 2:prompt] = False
+    tokens[~mask] = 0
+    return tokens, mask
+
+
+def run_in_chunks(pretrained, tokens, mask, chunks, cache_length=16):
+    cache = model.init_cache(pretrained.config, tokens.shape[0], cache_length)
+    logits, start = [], 0
+    for size in chunks:
+        out = FWD(pretrained.config, pretrained.params, tokens[:, start:start + size], mask[:, start:start + size],
+                  cache=cache)
+        logits.append(np.asarray(out.logits_BxTxV))
+        cache, start = out.cache, start + size
+    assert start == tokens.shape[1]
+    assert int(cache.index) == start
+    return np.concatenate(logits, axis=1), cache
+
+
+# ---- KV cache ----------------------------------------------------------------------------------
+
+# GQA with one kv head and head_dim != hidden/heads; a sliding window; learned positions.
+@pytest.mark.parametrize("name", ["llama_tied_headdim", "mistral", "gpt2"])
+def test_prefill_then_decode_equals_full_forward(models, name):
+    ours = models[name]
+    tokens, mask = decode_batch()
+    full = np.asarray(FWD(ours.config, ours.params, tokens, mask).logits_BxTxV)
+    cached, cache = run_in_chunks(ours, tokens, mask, [6] + [1] * 6)
+    np.testing.assert_allclose(cached[mask], full[mask], atol=CACHE_TOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(cache.valid_BxS)[:, :12], mask)
+    assert not np.asarray(cache.valid_BxS)[:, 12:].any()
+
+
+@pytest.mark.parametrize("name", ["mistral", "gpt2"])
+def test_prefill_in_two_chunks(models, name):
+    ours = models[name]
+    tokens, mask = decode_batch()
+    full = np.asarray(FWD(ours.config, ours.params, tokens, mask).logits_BxTxV)
+    cached, _ = run_in_chunks(ours, tokens, mask, [4, 8])
+    np.testing.assert_allclose(cached[mask], full[mask], atol=CACHE_TOL, rtol=0)
+
+
+def test_sliding_window_matters(models):
+    """The Mistral window (5) is shorter than the sequence, so the cache tests above exercise it."""
+    ours = models["mistral"]
+    assert ours.config.sliding_window == 5
+    tokens, mask = decode_batch()
+    wide = ours.config.replace(sliding_window=None)
+    a = np.asarray(FWD(ours.config, ours.params, tokens, mask).logits_BxTxV)
+    b = np.asarray(FWD(wide, ours.params, tokens, mask).logits_BxTxV)
+    assert np.abs(a - b)[:, -1].max() > 1e-2
+
+
+# ---- masks: causality and padding ----------------------------------------------------------------
+
+def test_causal_and_padding_invariant(models):
+    ours = models["llama"]
+    tokens, mask = decode_batch()
+    base = np.asarray(FWD(ours.config, ours.params, tokens, mask).logits_BxTxV)
+    later = tokens.copy()
+    later[:, 8:] = (later[:, 8:] + 7) % hf_models.VOCAB  # change the future
+    later[~mask] = 5  # and what padding slots hold
+    changed = np.asarray(FWD(ours.config, ours.params, later, mask).logits_BxTxV)
+    np.testing.assert_allclose(changed[:, :8][mask[:, :8]], base[:, :8][mask[:, :8]], atol=CACHE_TOL, rtol=0)
+    assert np.abs(changed[:, 8:] - base[:, 8:]).max() > 1e-2
+
+
+# ---- taps and hooks ------------------------------------------------------------------------------
+
+def test_hooks_modify_the_stream_before_taps(models):
+    ours = models["llama"]
+    cfg, params = ours.config, ours.params
+    tokens, mask = decode_batch()
+    plain = FWD(cfg, params, tokens, mask, taps=(0, 1, 2))
+    hooked = jax.jit(lambda p: model.forward(cfg, p, tokens, mask, taps=(0, 1, 2), hooks={1: lambda h: h + 0.5}))(
+        params)
+    np.testing.assert_array_equal(np.asarray(hooked.taps[0]), np.asarray(plain.taps[0]))
+    np.testing.assert_allclose(np.asarray(hooked.taps[1]), np.asarray(plain.taps[1]) + 0.5, atol=1e-6)
+    assert np.abs(np.asarray(hooked.taps[2]) - np.asarray(plain.taps[2])).max() > 1e-2
+    identity = jax.jit(lambda p: model.forward(cfg, p, tokens, mask, taps=(0, 1, 2), hooks={1: lambda h: h}))(params)
+    np.testing.assert_array_equal(np.asarray(identity.logits_BxTxV), np.asarray(plain.logits_BxTxV))
+
+
+def test_taps_without_logits_stop_early(models):
+    ours = models["gpt2"]
+    tokens, mask = decode_batch()
+    full = FWD(ours.config, ours.params, tokens, mask, taps=(1,))
+    early = FWD(ours.config, ours.params, tokens, mask, taps=(1,), logits=False)
+    assert early.logits_BxTxV is None and set(early.taps) == {1}
+    np.testing.assert_array_equal(np.asarray(early.taps[1]), np.asarray(full.taps[1]))
+
+
+@pytest.mark.parametrize("kwargs", [dict(taps=(3,)), dict(taps=(-1,)), dict(hooks={7: lambda h: h})])
+def test_layer_index_out_of_range(models, kwargs):
+    ours = models["llama"]
+    with pytest.raises(IndexError, match=r"layer index (3|-1|7) out of range for a 3-layer llama model"):
+        model.forward(ours.config, ours.params, jnp.zeros((1, 4), jnp.int32), **kwargs)
+
+
+# ---- dtypes --------------------------------------------------------------------------------------
+
+# bf16 keeps 8 significant bits (relative rounding up to 2**-8). Storing weights in bf16
+# perturbs every weight by that much; over 3 layers the logits move by a few such units of
+# their scale (seen: <=1% of max|logit|). Computing in bf16 also rounds every activation
+# (seen: <=1.7%). Limits: 8 and 16 units of 2**-8 of the logit scale (3% and 6%); a wrong
+# cast or a bf16 softmax over -1e30 masks would be off by O(1).
+BF16_LIMITS = {"storage": 8 * 2.0 ** -8, "compute": 16 * 2.0 ** -8}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["storage", "compute"])
+def test_bf16_close_to_fp32(models, tmp_path, name, mode):
+    ours = models[name]
+    cfg = ours.config.replace(param_dtype="bfloat16", dtype="bfloat16" if mode == "compute" else "float32")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), ours.params)
+    tokens, mask = decode_batch()
+    ref = np.asarray(FWD(ours.config, ours.params, tokens, mask).logits_BxTxV)[mask]
+    out = FWD(cfg, params, tokens, mask, taps=(0,))
+    assert out.logits_BxTxV.dtype == jnp.float32
+    assert out.taps[0].dtype == jnp.dtype(cfg.dtype)
+    got = np.asarray(out.logits_BxTxV)[mask]
+    assert np.isfinite(got).all()
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < BF16_LIMITS[mode], f"{name} bf16 {mode}: relative error {err:.4f}"
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+# ---- shapes --------------------------------------------------------------------------------------
+
+def test_public_function_shapes(models):
+    """Traced with eval_shape: the parity and cache tests run the same functions for values."""
+    ours = models["llama"]
+    cfg = ours.config
+    b, t, s = 2, 5, 9
+    tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    cache = model.init_cache(cfg, b, s)
+    chex.assert_shape(cache.k + cache.v, (b, s, cfg.num_kv_heads, cfg.head_dim))
+    chex.assert_shape([cache.valid_BxS, cache.pos_BxS], (b, s))
+    out = jax.eval_shape(lambda p, x, c: model.forward(cfg, p, x, taps=(0, 2), cache=c), ours.params, tokens, cache)
+    chex.assert_shape(out.logits_BxTxV, (b, t, cfg.vocab_size))
+    chex.assert_shape(list(out.taps.values()), (b, t, cfg.hidden_size))
+    chex.assert_trees_all_equal_shapes_and_dtypes(out.cache, cache)
+    final = jax.eval_shape(lambda p, h: model.final_norm(cfg, p, h), ours.params, out.taps[2])
+    chex.assert_shape(final, (b, t, cfg.hidden_size))
+    chex.assert_trees_all_equal_shapes_and_dtypes(model.param_shapes(cfg), ours.params)
+
+    q = jnp.ones((b, t, cfg.num_heads, cfg.head_dim))
+    kv = jnp.ones((b, s, cfg.num_kv_heads, cfg.head_dim))
+    mask_BxTxS = masks.attention_mask(jnp.arange(t) + 4, jnp.arange(s), jnp.ones((b, s), bool))
+    chex.assert_shape(mask_BxTxS, (b, t, s))
+    chex.assert_shape(model.multihead_attention(q, kv, kv, mask_BxTxS, cfg.scale), (b, t, cfg.num_heads, cfg.head_dim))
+    chex.assert_shape(masks.positions_from_mask(jnp.ones((b, t), bool), jnp.array([3, 0])), (b, t))
+
+    lm = model.PlainLM(cfg)
+    out = jax.eval_shape(lambda p, x, c: lm.apply(p, x, None, c), ours.params, tokens, lm.init_cache(b, s))
+    chex.assert_shape(out.logits_BxTxV, (b, t, lm.vocab_size))
+
+
+def test_positions_from_mask():
+    mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 0, 0, 1]], bool)
+    np.testing.assert_array_equal(masks.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]])
+    np.testing.assert_array_equal(masks.positions_from_mask(mask, jnp.array([4, 1])), [[4, 4, 4, 5, 6],
+                                                                                        [1, 2, 3, 3, 3]])
+
+
+LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def test_llama2_7b_traced_without_allocating():
+    cfg = config_lib.from_hf_config(LLAMA2_7B, param_dtype="bfloat16")
+    shapes = model.param_shapes(cfg)
+    assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == 6_738_415_616
+    layer = shapes["layers_31"]
+    chex.assert_shape(layer["attn"]["q"]["kernel"], (4096, 4096))
+    chex.assert_shape(layer["mlp"]["gate"]["kernel"], (4096, 11008))
+    chex.assert_shape(shapes["lm_head"]["kernel"], (4096, 32000))
+    assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
+
+    cache = jax.eval_shape(lambda: model.init_cache(cfg, 2, 64))
+    out = jax.eval_shape(lambda p, t, c: model.forward(cfg, p, t, cache=c, taps=(7, 31)), shapes,
+                         jax.ShapeDtypeStruct((2, 16), jnp.int32), cache)
+    chex.assert_shape(out.logits_BxTxV, (2, 16, 32000))
+    chex.assert_shape([out.taps[7], out.taps[31]], (2, 16, 4096))
+    chex.assert_shape(out.cache.k, (2, 64, 32, 128))
+    assert len(out.cache.k) == 32
