@@ -1,0 +1,1 @@
+"""Evaluation entry points, run as `python -m eval.<name>`."""
