@@ -1,0 +1,187 @@
+"""The key-value arithmetic task of the paper (§4.1): data and tokenizer, deterministic from a seed.
+
+D_KV maps N_KV unique keys (2-6 lowercase letters) to unique integers in [1, N_KV]. An
+expression joins k keys with operators; three datasets are made from the same expressions:
+
+  KV-Substitution     [SUB]ab+cde=  ->  10+22
+  KV-Arithmetic       [KVA]ab+cde=  ->  32
+  Numeric-Arithmetic  [NUM]10+22=   ->  32
+
+The leading marker (one token) tells the task. Splits are disjoint by expression: the
+evaluation expressions are drawn first and every training list rejects them. D_C (the
+composition's data) uses only a held-in fraction of the keys; `heldout` evaluation
+expressions use only the other keys, so CALM must read values it never saw in D_C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Sequence
+
+import numpy as np
+
+TASKS = ("kv_substitution", "kv_arithmetic", "numeric_arithmetic")
+MARKERS = {"kv_substitution": "[SUB]", "kv_arithmetic": "[KVA]", "numeric_arithmetic": "[NUM]"}
+SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
+CHARS = string.ascii_lowercase + string.digits + "+-*="
+
+
+@dataclasses.dataclass(frozen=True)
+class KVTaskConfig:
+    """Scale of the task. The default is small enough for 2 CPU cores; `PAPER` is the paper's."""
+
+    n_kv: int = 200  # keys; values are a permutation of 1..n_kv
+    min_key_len: int = 2
+    max_key_len: int = 6
+    min_terms: int = 2  # keys per expression
+    max_terms: int = 2
+    operators: str = "+-"  # "*" is the paper's x; evaluated with the usual precedence
+    held_in_fraction: float = 0.2
+    n_eval: int = 500  # expressions per evaluation set
+    seed: int = 0
+
+    def __post_init__(self):
+        if not set(self.operators) <= set("+-*") or not self.operators:
+            raise ValueError(f"operators must be a non-empty subset of '+-*', found {self.operators!r}")
+        if not 1 <= self.min_key_len <= self.max_key_len:
+            raise ValueError(f"key lengths must satisfy 1 <= min <= max, found {self.min_key_len}..{self.max_key_len}")
+        if not 1 <= self.min_terms <= self.max_terms:
+            raise ValueError(f"terms must satisfy 1 <= min <= max, found {self.min_terms}..{self.max_terms}")
+        if not 0.0 < self.held_in_fraction < 1.0:
+            raise ValueError(f"held_in_fraction must be in (0, 1), found {self.held_in_fraction}")
+        possible = sum(26 ** n for n in range(self.min_key_len, self.max_key_len + 1))
+        if self.n_kv > possible:
+            raise ValueError(f"n_kv={self.n_kv} keys do not fit in {possible} strings of "
+                             f"{self.min_key_len}-{self.max_key_len} letters")
+
+    def replace(self, **changes) -> "KVTaskConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PAPER = KVTaskConfig(n_kv=25_000, min_terms=3, max_terms=6, operators="+-*")
+
+# An expression: key indices and the operators between them (len(ops) == len(keys) - 1).
+Expr = tuple[tuple[int, ...], tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class KVData:
+    """D_KV, the held-in key set and the evaluation expressions."""
+
+    config: KVTaskConfig
+    keys: tuple[str, ...]
+    values: tuple[int, ...]
+    held_in: tuple[int, ...]  # indices of the keys D_C may use
+    held_out: tuple[int, ...]
+    eval_all: tuple[Expr, ...]  # over all keys
+    eval_heldout: tuple[Expr, ...]  # only held-out keys
+
+    def key_text(self, expr: Expr) -> str:
+        return _join([self.keys[i] for i in expr[0]], expr[1])
+
+    def numeric_text(self, expr: Expr) -> str:
+        return _join([str(self.values[i]) for i in expr[0]], expr[1])
+
+    def result(self, expr: Expr) -> int:
+        # Only digits and + - * reach eval; it gives the usual precedence of x over + and -.
+        return int(eval(self.numeric_text(expr), {"__builtins__": {}}))  # noqa: S307
+
+    def record(self, expr: Expr, task: str) -> dict:
+        """{"prompt", "target"} for one expression in one task (see the module docstring)."""
+        if task == "kv_substitution":
+            prompt, target = self.key_text(expr), self.numeric_text(expr)
+        elif task == "kv_arithmetic":
+            prompt, target = self.key_text(expr), str(self.result(expr))
+        elif task == "numeric_arithmetic":
+            prompt, target = self.numeric_text(expr), str(self.result(expr))
+        else:
+            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        return {"prompt": f"{MARKERS[task]}{prompt}=", "target": target}
+
+    def records(self, exprs: Sequence[Expr], task: str) -> list[dict]:
+        return [self.record(e, task) for e in exprs]
+
+    def train_expressions(self, n: int, held_in_only: bool = False, seed: int = 1) -> list[Expr]:
+        """`n` expressions never in an evaluation set (unique, unless the space is too small).
+
+        held_in_only: use only the held-in keys (D_C). Different seeds give different lists.
+        """
+        pool = self.held_in if held_in_only else tuple(range(len(self.keys)))
+        taken = set(self.eval_all) | set(self.eval_heldout)
+        rng = np.random.default_rng([self.config.seed, seed, int(held_in_only)])
+        space = _space(self.config, len(pool))
+        out, seen = [], set()
+        while len(out) < n:
+            e = _sample(rng, pool, self.config)
+            if e in taken or (e in seen and len(seen) < 0.5 * (space - len(taken))):
+                continue
+            seen.add(e)
+            out.append(e)
+        return out
+
+
+def _join(terms: Sequence[str], ops: Sequence[str]) -> str:
+    return terms[0] + "".join(op + t for op, t in zip(ops, terms[1:]))
+
+
+def _space(cfg: KVTaskConfig, n_keys: int) -> int:
+    n_ops = len(cfg.operators)
+    return sum(n_keys ** k * n_ops ** (k - 1) for k in range(cfg.min_terms, cfg.max_terms + 1))
+
+
+def _sample(rng: np.random.Generator, pool: Sequence[int], cfg: KVTaskConfig) -> Expr:
+    k = int(rng.integers(cfg.min_terms, cfg.max_terms + 1))
+    keys = tuple(int(pool[j]) for j in rng.integers(0, len(pool), k))
+    ops = tuple(cfg.operators[j] for j in rng.integers(0, len(cfg.operators), k - 1))
+    return keys, ops
+
+
+def _unique(rng, pool, cfg, n, taken=frozenset()) -> tuple[Expr, ...]:
+    space = _space(cfg, len(pool))
+    if n > space // 2:
+        raise ValueError(f"asked for {n} evaluation expressions from {len(pool)} keys, "
+                         f"but only {space} expressions exist; lower n_eval or raise n_kv")
+    out = {}
+    while len(out) < n:
+        e = _sample(rng, pool, cfg)
+        if e not in taken:
+            out[e] = None
+    return tuple(out)
+
+
+def make_kv_data(cfg: KVTaskConfig) -> KVData:
+    """D_KV, its held-in/held-out key split and the two evaluation sets, all from `cfg.seed`."""
+    rng = np.random.default_rng(cfg.seed)
+    keys: dict[str, None] = {}
+    while len(keys) < cfg.n_kv:
+        n = int(rng.integers(cfg.min_key_len, cfg.max_key_len + 1))
+        keys["".join(rng.choice(list(string.ascii_lowercase), n))] = None
+    values = tuple(int(v) for v in rng.permutation(cfg.n_kv) + 1)
+    order = rng.permutation(cfg.n_kv)
+    n_in = max(1, round(cfg.held_in_fraction * cfg.n_kv))
+    held_in, held_out = tuple(sorted(order[:n_in].tolist())), tuple(sorted(order[n_in:].tolist()))
+    eval_all = _unique(rng, range(cfg.n_kv), cfg, cfg.n_eval)
+    eval_heldout = _unique(rng, held_out, cfg, cfg.n_eval, frozenset(eval_all))
+    return KVData(cfg, tuple(keys), values, held_in, held_out, eval_all, eval_heldout)
+
+
+def make_tokenizer():
+    """A character-level tokenizer (HF PreTrainedTokenizerFast) shared by both models.
+
+    One token per character of `CHARS`, one per task marker; BOS is prepended to every
+    encoded prompt; decoding joins characters without spaces.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    markers = list(MARKERS.values())
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *markers, *CHARS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.add_special_tokens([*SPECIALS, *markers])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", pair="[BOS] $A $B", special_tokens=[("[BOS]", vocab["[BOS]"])])
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                   pad_token="[PAD]", unk_token="[UNK]", additional_special_tokens=markers)
