@@ -11,6 +11,8 @@ import dataclasses
 from typing import Any, Mapping
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
+# The MLP activations calm_jax.model implements (HF names).
+SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,9 @@ class ModelConfig:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})")
+        if self.activation not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"unsupported activation {self.activation!r} "
+                              f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
         if self.rope_type not in ("default", "linear", "llama3"):
             raise ConfigError(f"unsupported rope_type {self.rope_type!r} (supported: default, linear, llama3)")
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
@@ -152,6 +157,11 @@ def _llama_like(hf: Mapping[str, Any], family: str) -> dict:
         out["sliding_window"] = int(window)
         if layer_types:
             out["sliding_layers"] = tuple(t == "sliding_attention" for t in layer_types)
+        elif family in ("qwen2", "qwen3"):
+            # Older Qwen configs carry no layer_types: transformers then windows the layers
+            # from max_window_layers on (default 28).
+            first = int(hf.get("max_window_layers", 28))
+            out["sliding_layers"] = tuple(i >= first for i in range(out["num_layers"]))
     return out
 
 

@@ -122,20 +122,27 @@ def _read_config(path: str) -> dict:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{path} has no config.json")
+    hf_config = _read_json(cfg_file)
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{cfg_file} must hold a JSON object, found {type(hf_config).__name__}")
+    return hf_config
+
+
+def _read_json(file: str):
     try:
-        with open(cfg_file) as f:
+        with open(file) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
 
 
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not weight_map:
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not weight_map or not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
@@ -237,7 +244,7 @@ def load_pretrained(path: str, dtype: str = "float32", param_dtype: str | None =
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from e
     params = traverse_util.unflatten_dict(
-        {k: v.astype(jnp.dtype(cfg.param_dtype)) for k, v in flat.items()})
+        {k: v.astype(jnp.dtype(cfg.param_dtype), copy=False) for k, v in flat.items()})
     if callable(shardings):
         shardings = shardings(cfg)
     params = jax.device_put(params, shardings) if shardings is not None else jax.device_put(params)
@@ -253,7 +260,10 @@ def load_tokenizer(path: str):
     if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds; the caller needs to know which directory
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
 
 
 def params_to_hf(params, cfg: config_lib.ModelConfig) -> dict[str, np.ndarray]:

@@ -114,6 +114,17 @@ def test_param_dtype_and_shardings(llama_dir):
     assert all(leaf.sharding == replicated for leaf in leaves)
 
 
+def test_bf16_checkpoint_loads(tmp_path):
+    hf = hf_models.make_hf_model("qwen3").to(torch.bfloat16)
+    hf.save_pretrained(str(tmp_path))
+    assert load_pretrained(str(tmp_path), param_dtype="bfloat16").params["embed"]["embedding"].dtype == jnp.bfloat16
+    ours = load_pretrained(str(tmp_path))  # upcast to the float32 default
+    np.testing.assert_array_equal(np.asarray(ours.params["layers_1"]["attn"]["k_norm"]["scale"]),
+                                  hf.model.layers[1].self_attn.k_norm.weight.float().detach().numpy())
+    np.testing.assert_array_equal(np.asarray(ours.params["lm_head"]["kernel"]),
+                                  hf.lm_head.weight.float().detach().numpy().T)
+
+
 def test_save_over_existing_model_replaces_it(llama_dir, tmp_path):
     dst = str(tmp_path / "m")
     gpt2_dir = str(tmp_path / "gpt2")
@@ -168,6 +179,18 @@ def test_config_not_json(broken):
     _raises(broken, "config.json", "not valid JSON")
 
 
+def test_config_not_an_object(broken):
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        f.write("[1, 2]")
+    _raises(broken, "config.json must hold a JSON object, found list")
+
+
+def test_corrupt_tokenizer(broken):
+    with open(os.path.join(broken, "tokenizer.json"), "w") as f:
+        f.write("{not json")
+    _raises(broken, "cannot load the tokenizer in", broken)
+
+
 def test_missing_weights(broken):
     os.remove(os.path.join(broken, "model.safetensors"))
     _raises(broken, "neither model.safetensors nor model.safetensors.index.json")
@@ -181,6 +204,11 @@ def test_unsupported_model_type(broken):
 def test_config_missing_required_field(broken):
     _edit_config(broken, hidden_size=None)
     _raises(broken, "config.json", "missing required field 'hidden_size'")
+
+
+def test_unsupported_activation(broken):
+    _edit_config(broken, hidden_act="quick_gelu")
+    _raises(broken, "config.json", "unsupported activation 'quick_gelu'")
 
 
 def test_config_missing_model_type(broken):
@@ -234,3 +262,10 @@ def test_sharded_index_names_missing_shard(tmp_path):
     shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[1]
     os.remove(tmp_path / shard)
     _raises(str(tmp_path), "names shard files that do not exist", shard)
+
+
+@pytest.mark.parametrize("index", ["{not json", '{"metadata": {}}'])
+def test_bad_sharded_index(tmp_path, index):
+    hf_models.make_hf_model("llama").save_pretrained(str(tmp_path), max_shard_size="40KB")
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    _raises(str(tmp_path), "model.safetensors.index.json", "not valid JSON" if "not" in index else "no weight_map")

@@ -196,6 +196,10 @@ def test_public_function_shapes(models):
     chex.assert_shape(out.logits_BxTxV, (b, t, lm.vocab_size))
 
 
+def test_every_config_activation_is_implemented():
+    assert set(model._ACTIVATIONS) == set(config_lib.SUPPORTED_ACTIVATIONS)
+
+
 def test_positions_from_mask():
     mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 0, 0, 1]], bool)
     np.testing.assert_array_equal(masks.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]])

@@ -58,3 +58,34 @@ def test_default_positions_are_hf_positions(pair):
     a = FWD(ours.config, ours.params, tokens, mask).logits_BxTxV
     b = FWD(ours.config, ours.params, tokens, mask, positions).logits_BxTxV
     np.testing.assert_array_equal(np.asarray(a)[mask], np.asarray(b)[mask])
+
+
+@pytest.mark.parametrize("keep_layer_types", [True, False])
+def test_qwen2_sliding_window_layers(tmp_path, keep_layer_types):
+    """Qwen2 windows only layers >= max_window_layers; old config.json files say so without layer_types."""
+    import json
+
+    import torch
+    import transformers
+
+    config = transformers.Qwen2Config(**{**hf_models._BASE, "num_key_value_heads": 2}, use_sliding_window=True,
+                                      sliding_window=4, max_window_layers=1)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(str(tmp_path))
+    cfg_file = tmp_path / "config.json"
+    saved = json.loads(cfg_file.read_text())
+    assert saved["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+    if not keep_layer_types:
+        del saved["layer_types"]
+        cfg_file.write_text(json.dumps(saved))
+    ours = load_pretrained(str(tmp_path))
+    assert ours.config.sliding_layers == (False, True, True)
+    tokens, mask = padded_batch()
+    positions = np.asarray(masks.positions_from_mask(mask))
+    out = FWD(ours.config, ours.params, tokens, mask, positions)
+    hf_logits, _ = hf_models.hf_logits_and_hidden(hf, tokens, mask, positions)
+    np.testing.assert_allclose(np.asarray(out.logits_BxTxV)[mask], hf_logits[mask], atol=TOL, rtol=0)
