@@ -238,7 +238,9 @@ def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_t
     if not prompts:
         raise GenerationError("no prompts given")
     ids = _prompt_ids(prompts, tokenizer, max_new_tokens, model.max_positions)
-    stop_ids_S = jnp.asarray(resolve_stop_ids(stop, model.vocab_size, tokenizer, stop_at_eos), jnp.int32)
+    stop_ids = resolve_stop_ids(stop, model.vocab_size, tokenizer, stop_at_eos)
+    # Padded with -1 (never generated) to a multiple of 8, so the stop list rarely changes the compiled shape.
+    stop_ids_S = jnp.asarray(stop_ids + [-1] * (-len(stop_ids) % 8 or (8 if not stop_ids else 0)), jnp.int32)
     batch_size = batch_size or len(ids)
     rng = jax.random.key(seed)
     results = []

@@ -1,0 +1,150 @@
+"""What every eval script shares: building the model from flags, sampling flags, prompt files.
+
+Model flags (`add_model_flags`), one of:
+  --model DIR                          a plain LM (HF directory)
+  --anchor DIR --augment DIR [...]     a composition m_A1..⊕B
+      [--composition RUN_DIR]          its trained Θ_C (without it: random Θ_C, said loudly)
+      [--encoder-mode]                 the paper's "m_A as encoder" ablation
+`build_model(args)` turns them into a `Loaded` (model with the PlainLM interface, params,
+tokenizer, label), so the same script evaluates any of the three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+
+from calm_jax import composition as comp
+from calm_jax import decoding
+from calm_jax.config import ConfigError
+from calm_jax.data import DataError
+from calm_jax.loading import CheckpointError, load_pretrained
+from calm_jax.model import PlainLM
+
+
+# Bad input the scripts report as one line instead of a traceback.
+USER_ERRORS = (DataError, CheckpointError, ConfigError, comp.CompositionError, decoding.GenerationError)
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: Any  # PlainLM or composition.ComposedLM
+    params: Any
+    tokenizer: Any
+    label: str  # short name for tables: "model:DIR", "calm:ANCHOR+AUG" or "calm-encoder:..."
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model (--model, or --anchor with --augment)")
+    g.add_argument("--model", metavar="DIR", help="a plain LM: Hugging Face model directory")
+    g.add_argument("--anchor", metavar="DIR", help="the composition's anchor m_B (HF directory)")
+    g.add_argument("--augment", metavar="DIR", action="append", default=[],
+                   help="an augmenting model m_A (HF directory); repeat for several")
+    g.add_argument("--composition", metavar="RUN_DIR", help="trained composition (Θ_C) from train.compose")
+    g.add_argument("--encoder-mode", action="store_true",
+                   help="augmenting models see only the prompt (the paper's 'm_A as encoder' ablation)")
+    g.add_argument("--dtype", default="float32", help="compute dtype of the frozen models")
+    g.add_argument("--label", help="name of this model in result tables (default: from the flags)")
+    g.add_argument("--theta-seed", type=int, default=0, help="seed of the random Θ_C used without --composition")
+
+
+def _name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+def build_model(args: argparse.Namespace) -> Loaded:
+    """The model the flags describe. Raises SystemExit with a clear message on bad flags."""
+    if bool(args.model) == bool(args.anchor):
+        raise SystemExit("give either --model DIR (a plain LM) or --anchor DIR with --augment DIR (a composition)")
+    if args.model:
+        extra = [f for f, v in (("--augment", args.augment), ("--composition", args.composition),
+                                ("--encoder-mode", args.encoder_mode)) if v]
+        if extra:
+            raise SystemExit(f"{', '.join(extra)} only apply to a composition (--anchor), not to --model")
+        pre = load_pretrained(args.model, dtype=args.dtype)
+        return Loaded(PlainLM(pre.config), pre.params, pre.tokenizer, args.label or f"model:{_name(args.model)}")
+    if not args.augment:
+        raise SystemExit("--anchor needs at least one --augment DIR")
+    anchor = load_pretrained(args.anchor, dtype=args.dtype)
+    augments = [load_pretrained(d, dtype=args.dtype) for d in args.augment]
+    if anchor.tokenizer is not None and all(a.tokenizer is not None for a in augments):
+        comp.check_vocabularies(anchor.tokenizer, [a.tokenizer for a in augments])
+    frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}
+    if args.composition:
+        ccfg, theta = load_composition(args.composition, anchor.config, tuple(a.config for a in augments))
+    else:
+        ccfg = comp.CompositionConfig(anchor=anchor.config, augments=tuple(a.config for a in augments))
+        theta = comp.init_theta(ccfg, jax.random.key(args.theta_seed))
+        print("WARNING: no --composition given: Θ_C is randomly initialised (untrained)", file=sys.stderr)
+    mode = "calm-encoder" if args.encoder_mode else "calm"
+    label = args.label or f"{mode}:{_name(args.anchor)}+{'+'.join(_name(d) for d in args.augment)}"
+    return Loaded(comp.ComposedLM(ccfg, encoder_mode=args.encoder_mode), {"theta": theta, **frozen},
+                  anchor.tokenizer, label)
+
+
+def load_composition(run_dir: str, anchor_cfg, augment_cfgs):
+    """(CompositionConfig, Θ_C) of a trained run, checked against the given frozen models."""
+    try:
+        from calm_jax import checkpoint
+    except ImportError as e:
+        raise SystemExit(f"--composition {run_dir}: this build has no composition checkpoint loader ({e})") from e
+    return checkpoint.load_composition(run_dir, anchor_cfg, augment_cfgs)
+
+
+def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    g = parser.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], metavar="TOKEN",
+                   help="a stop token (a token string of the vocabulary, or an integer id); repeatable")
+    g.add_argument("--no-eos-stop", action="store_true", help="do not stop at the tokenizer's EOS")
+    g.add_argument("--batch-size", type=int, default=8)
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of `calm_jax.decoding.generate` from the generation flags."""
+    # Escapes as typed in a shell ("\\n") become the characters they name.
+    stop = [int(s) if s.lstrip("-").isdigit() else s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+            for s in args.stop]
+    return dict(max_new_tokens=args.max_new_tokens, stop=stop, stop_at_eos=not args.no_eos_stop,
+                sampling=decoding.Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed,
+                batch_size=args.batch_size)
+
+
+def read_prompts(path: str, need_target: bool = False) -> list[dict]:
+    """JSONL records with a "prompt" (and a "target" if `need_target`); other fields are kept."""
+    if not os.path.isfile(path):
+        raise DataError(f"prompt file not found: {path}")
+    need = ("prompt", "target") if need_target else ("prompt",)
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in need):
+                raise DataError(f"{path}:{n}: expected a JSON object with string field(s) {', '.join(need)}, "
+                                f"found {line.strip()[:80]}")
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path} has no records")
+    return records
+
+
+def write_jsonl(path: str, records) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -1,0 +1,49 @@
+"""Generate continuations for a JSONL file of {"prompt": ...} records.
+
+    python -m eval.generate --model DIR --prompts FILE.jsonl --out FILE.jsonl
+    python -m eval.generate --anchor DIR --augment DIR [--augment DIR ...] [--composition RUN_DIR]
+        [--encoder-mode] --prompts FILE.jsonl --out FILE.jsonl
+        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop TOKEN ...]
+
+Each output line is the input record plus "generation" (text), "tokens", "num_generated"
+and "stopped" (ended on a stop token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from calm_jax import decoding
+from eval import common
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n")[0])
+    common.add_model_flags(parser)
+    common.add_generation_flags(parser)
+    parser.add_argument("--prompts", required=True, metavar="FILE.jsonl")
+    parser.add_argument("--out", required=True, metavar="FILE.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        loaded = common.build_model(args)
+        records = common.read_prompts(args.prompts)
+        if loaded.tokenizer is None:
+            raise SystemExit("the model directory has no tokenizer files: text prompts cannot be encoded")
+        start = time.perf_counter()
+        gens = decoding.generate(loaded.model, loaded.params, [r["prompt"] for r in records],
+                                 tokenizer=loaded.tokenizer, **common.generation_kwargs(args))
+        seconds = time.perf_counter() - start
+    except common.USER_ERRORS as e:
+        raise SystemExit(f"error: {e}") from e
+    common.write_jsonl(args.out, [{**r, "generation": g.text, "tokens": g.tokens, "num_generated": g.num_generated,
+                                   "stopped": g.stopped} for r, g in zip(records, gens)])
+    total = sum(g.num_generated for g in gens)
+    print(f"{loaded.label}: {len(gens)} prompts, {total} tokens in {seconds:.1f}s (compilation included) "
+          f"-> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
