@@ -1,0 +1,246 @@
+"""The train step and the data stream: Θ_C-only training, accumulation, bf16 frozen models, order."""
+
+import functools
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calm_jax import data as data_lib
+from calm_jax import train_step as ts
+from calm_jax.composition import ComposedLM, CompositionConfig, init_theta
+from calm_jax.config import ModelConfig
+from calm_jax.model import PlainLM, forward, init_params
+
+V = 128
+ANCHOR = ModelConfig(family="llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=8, intermediate_size=48, max_positions=32)
+AUG = ModelConfig(family="llama", vocab_size=V, hidden_size=16, num_layers=4, num_heads=2, num_kv_heads=1,
+                  head_dim=8, intermediate_size=32, max_positions=32)
+CCFG = CompositionConfig(ANCHOR, (AUG,))  # paper default: augment layer 3 -> anchor layer 1
+
+
+def randomized(tree, key, scale):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_composition(seed: int = 0):
+    """(ccfg, theta, frozen) with frozen models perturbed beyond their init. Do not donate these."""
+    anchor = randomized(init_params(ANCHOR, jax.random.key(seed + 1)), jax.random.key(seed + 2), 0.3)
+    aug = randomized(init_params(AUG, jax.random.key(seed + 3)), jax.random.key(seed + 4), 0.3)
+    return CCFG, init_theta(CCFG, jax.random.key(seed)), {"anchor": anchor, "augments": (aug,)}
+
+
+def random_batch(b=8, t=12, seed=0):
+    """Right-padded rows with different numbers of target tokens (prompt of varying length)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, V, (b, t)).astype(np.int32)
+    lengths = rng.integers(4, t + 1, b)
+    prompts = rng.integers(1, 4, b)
+    slot = np.arange(t)[None]
+    mask = slot < lengths[:, None]
+    return {"tokens_BxT": tokens, "mask_BxT": mask, "target_BxT": mask & (slot >= prompts[:, None])}
+
+
+COMPOSED_LOSS = ts.lm_loss(ComposedLM(CCFG).apply, ts.join_composition)
+OPT = ts.make_optimizer(1e-2, 100, 10)
+STEP = ts.make_train_step(COMPOSED_LOSS, OPT)  # shared, so tests reuse its compilations
+
+
+def copy(tree):
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def test_next_token_loss_matches_numpy():
+    logits = np.random.default_rng(0).normal(size=(2, 5, 7)).astype(np.float32)
+    tokens = np.array([[1, 2, 3, 4, 5], [6, 0, 1, 2, 3]], np.int32)
+    target = np.array([[0, 0, 1, 1, 0], [1, 1, 1, 1, 1]], bool)
+    loss_sum, n = jax.jit(ts.next_token_loss)(logits, tokens, target)
+    chex.assert_shape((loss_sum, n), ())
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = [-logp[b, t - 1, tokens[b, t]] for b in range(2) for t in range(1, 5) if target[b, t]]
+    np.testing.assert_allclose(loss_sum, np.sum(want), rtol=1e-5)
+    assert n == len(want) == 6
+
+
+def test_lr_schedule_warmup_then_cosine():
+    s = ts.lr_schedule(1.0, steps=10, warmup=4, end_lr_ratio=0.1)
+    np.testing.assert_allclose([s(i) for i in range(4)], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+    assert float(s(4)) == pytest.approx(1.0) and float(s(10)) == pytest.approx(0.1)
+    assert all(float(s(i)) > float(s(i + 1)) for i in range(4, 9))
+
+
+def test_only_theta_is_trained_and_frozen_params_are_untouched():
+    ccfg, theta, frozen = tiny_composition()
+    frozen_before, theta = copy(frozen), copy(theta)
+    theta_before = copy(theta)
+    opt_state = OPT.init(theta)
+    # The optimizer state mirrors Θ_C alone: nothing is kept for the frozen models.
+    assert jax.tree.structure(opt_state[1][0].mu) == jax.tree.structure(theta)
+    batch = random_batch()
+    for _ in range(3):
+        theta, opt_state, metrics = STEP(theta, opt_state, frozen, batch)
+    chex.assert_trees_all_equal(frozen, frozen_before)  # bitwise
+    assert not any(x.is_deleted() for x in jax.tree.leaves(frozen))  # inputs, not donated
+    assert jax.tree.structure(theta) == jax.tree.structure(theta_before)  # only Θ_C comes back
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), theta, theta_before)
+    assert all(jax.tree.leaves(changed)), changed
+    chex.assert_shape([metrics["loss"], metrics["tokens"], metrics["grad_norm"]], ())
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    ccfg, theta, frozen = tiny_composition()
+    batch = random_batch(b=8)  # rows hold different numbers of target tokens
+    out = {}
+    for k, step in ((1, STEP), (4, ts.make_train_step(COMPOSED_LOSS, OPT, grad_accum=4))):
+        t = copy(theta)
+        out[k] = step(t, OPT.init(t), frozen, batch)
+    np.testing.assert_allclose(out[4][2]["loss"], out[1][2]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(out[4][2]["grad_norm"], out[1][2]["grad_norm"], rtol=1e-5)
+    assert float(out[4][2]["tokens"]) == float(out[1][2]["tokens"]) == batch["target_BxT"][:, 1:].sum()
+    chex.assert_trees_all_close(out[4][0], out[1][0], atol=1e-6)
+    with pytest.raises(ValueError, match="not divisible by grad_accum 3"):
+        ts.make_train_step(COMPOSED_LOSS, OPT, grad_accum=3)(theta, OPT.init(theta), frozen, batch)
+
+
+def test_bf16_frozen_models_with_fp32_theta_and_optimizer():
+    ccfg, theta, frozen = tiny_composition()
+    frozen16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
+    batch = random_batch()
+    t = copy(theta)
+    _, _, m32 = STEP(t, OPT.init(t), frozen, batch)
+    t = copy(theta)
+    theta16, state16, m16 = STEP(t, OPT.init(t), frozen16, batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((theta16, state16)) if x.dtype.kind == "f")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(frozen16))
+    # Same model up to bf16 rounding of the frozen weights.
+    assert abs(float(m16["loss"]) - float(m32["loss"])) < 0.05 * float(m32["loss"])
+    assert float(m16["loss"]) != float(m32["loss"])
+
+
+def test_plain_lm_training_all_weights_trainable():
+    params = init_params(ANCHOR, jax.random.key(0))
+    loss_fn = ts.lm_loss(PlainLM(ANCHOR).apply)
+    opt = ts.make_optimizer(3e-3, 30, 0)
+    state = opt.init(params)
+    step = ts.make_train_step(loss_fn, opt)
+    batch = random_batch(seed=1)
+    losses = []
+    for _ in range(15):
+        params, state, m = step(params, state, {}, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_loss_decreases_only_with_the_augmenting_models_knowledge():
+    # The task: after token x, predict f(x) = the augmenting model's greedy next token. The
+    # anchor cannot know f; Θ_C can read it from the augmenting model's last layer. The same
+    # training with another random augmenting model (no knowledge of f) fits the training
+    # pairs less well and cannot generalise to held-out x.
+    ccfg, theta0, frozen = tiny_composition()
+    aug = frozen["augments"][0]
+    other = randomized(init_params(AUG, jax.random.key(50)), jax.random.key(51), 1.0)
+    xs = np.arange(3, V)
+    f = np.asarray(jnp.argmax(forward(AUG, aug, jnp.asarray(xs)[:, None]).logits_BxTxV[:, 0], -1))
+    perm = np.random.default_rng(0).permutation(len(xs))
+
+    def pairs(idx):
+        tokens = np.stack([xs[idx], f[idx]], 1).astype(np.int32)
+        return {"tokens_BxT": tokens, "mask_BxT": np.ones_like(tokens, bool),
+                "target_BxT": np.tile([False, True], (len(idx), 1))}
+    train, held_out = pairs(perm[:90]), pairs(perm[90:])
+    evaluate = jax.jit(COMPOSED_LOSS)
+    result = {}
+    for name, a in (("augment", aug), ("other", other)):
+        fz = {"anchor": frozen["anchor"], "augments": (a,)}
+        theta = copy(theta0)
+        state = OPT.init(theta)
+        first = float(evaluate(theta, fz, train)[0]) / 90
+        for _ in range(100):
+            theta, state, m = STEP(theta, state, fz, train)
+        loss_sum, n = evaluate(theta, fz, held_out)
+        result[name] = (first, float(m["loss"]), float(loss_sum / n))
+    first, last, held = result["augment"]
+    assert last < first / 3, result
+    assert last < result["other"][1], result
+    assert held < result["other"][2] - 1.0, result  # measured: 4.0 vs 6.0 nats
+
+
+# --- data -----------------------------------------------------------------------------
+
+class CharTokenizer:
+    """ids = 3 + ord(c) - ord('a'); BOS 1, EOS 2."""
+
+    eos_token_id, pad_token_id = 2, 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [3 + ord(c) - 97 for c in text]}
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    def write(records, name="d.jsonl"):
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        return str(path)
+    return write
+
+
+def test_load_dataset_flags_targets_and_pads(jsonl):
+    path = jsonl([{"prompt": "ab", "target": "cd"}, {"text": "xyz"}])
+    ds = data_lib.load_dataset(path, CharTokenizer(), seq_len=8)
+    chex.assert_shape([ds.tokens_NxT, ds.mask_NxT, ds.target_NxT], (2, 8))
+    np.testing.assert_array_equal(ds.tokens_NxT[0], [1, 3, 4, 5, 6, 2, 0, 0])
+    np.testing.assert_array_equal(ds.target_NxT[0], [0, 0, 0, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(ds.target_NxT[1], [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(ds.mask_NxT[1], [1, 1, 1, 1, 1, 0, 0, 0])
+
+
+def test_load_dataset_errors(jsonl, tmp_path):
+    with pytest.raises(data_lib.DataError, match="data file not found: .*missing.jsonl"):
+        data_lib.load_dataset(str(tmp_path / "missing.jsonl"), CharTokenizer(), 8)
+    with pytest.raises(data_lib.DataError, match=r"record 2 has 10 tokens, more than the sequence length 8"):
+        data_lib.load_dataset(jsonl([{"text": "ab"}, {"text": "abcdefgh"}]), CharTokenizer(), 8)
+    with pytest.raises(data_lib.DataError, match=r"record 1 has no target token"):
+        data_lib.load_dataset(jsonl([{"prompt": "ab", "target": ""}]), CharTokenizer(), 8, append_eos=False)
+    with pytest.raises(data_lib.DataError, match=r":2: expected"):
+        data_lib.load_dataset(jsonl([{"text": "ab"}, {"prompt": "ab"}]), CharTokenizer(), 8)
+
+
+def _stream(ds, n_batches, batch_size, seed, position=data_lib.Position(0, 0)):
+    rows = []
+    for _ in range(n_batches):
+        batch, position = data_lib.batch_at(ds, position, batch_size, seed)
+        rows.append(batch["tokens_BxT"][:, 1])
+    return np.concatenate(rows), position
+
+
+def test_batch_order_is_seeded_covers_epochs_and_resumes_exactly(jsonl):
+    path = jsonl([{"text": chr(97 + i)} for i in range(10)])
+    ds = data_lib.load_dataset(path, CharTokenizer(), 4)
+    ids, pos = _stream(ds, 5, 4, seed=7)  # 20 examples: two epochs, batches straddle them
+    assert pos == data_lib.Position(2, 0)
+    for epoch in (ids[:10], ids[10:]):
+        assert sorted(epoch) == list(range(3, 13))
+    assert not np.array_equal(ids[:10], ids[10:])  # each epoch reshuffled
+    again, _ = _stream(ds, 5, 4, seed=7)
+    np.testing.assert_array_equal(ids, again)
+    assert not np.array_equal(ids, _stream(ds, 5, 4, seed=8)[0])
+    # Resuming from a saved position continues the very same stream.
+    first, mid = _stream(ds, 2, 4, seed=7)
+    rest, _ = _stream(ds, 3, 4, seed=7, position=data_lib.Position(*json.loads(json.dumps(mid))))
+    np.testing.assert_array_equal(np.concatenate([first, rest]), ids)
+
+
+def test_eval_batches_cover_the_file_once(jsonl):
+    ds = data_lib.load_dataset(jsonl([{"text": chr(97 + i)} for i in range(5)]), CharTokenizer(), 4)
+    batches = list(data_lib.eval_batches(ds, 4))
+    assert len(batches) == 2
+    assert sum(int(b["target_BxT"].sum()) for b in batches) == int(ds.target_NxT.sum())
+    assert not batches[1]["mask_BxT"][1:].any()
