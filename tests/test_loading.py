@@ -114,15 +114,22 @@ def test_param_dtype_and_shardings(llama_dir):
     assert all(leaf.sharding == replicated for leaf in leaves)
 
 
-def test_bf16_checkpoint_loads(tmp_path):
+def test_bf16_checkpoint_loads_and_saves(tmp_path):
+    src, dst = str(tmp_path / "in"), str(tmp_path / "out")
     hf = hf_models.make_hf_model("qwen3").to(torch.bfloat16)
-    hf.save_pretrained(str(tmp_path))
-    assert load_pretrained(str(tmp_path), param_dtype="bfloat16").params["embed"]["embedding"].dtype == jnp.bfloat16
-    ours = load_pretrained(str(tmp_path))  # upcast to the float32 default
+    hf.save_pretrained(src)
+    ours = load_pretrained(src)  # upcast to the float32 default
     np.testing.assert_array_equal(np.asarray(ours.params["layers_1"]["attn"]["k_norm"]["scale"]),
                                   hf.model.layers[1].self_attn.k_norm.weight.float().detach().numpy())
     np.testing.assert_array_equal(np.asarray(ours.params["lm_head"]["kernel"]),
                                   hf.lm_head.weight.float().detach().numpy().T)
+    stored = load_pretrained(src, param_dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(stored.params)} == {jnp.dtype(jnp.bfloat16)}
+    save_pretrained(stored, dst)  # written back in bf16, bit for bit
+    again = transformers.AutoModelForCausalLM.from_pretrained(dst)
+    assert again.dtype == torch.bfloat16
+    for (name, a), b in zip(hf.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_save_over_existing_model_replaces_it(llama_dir, tmp_path):
