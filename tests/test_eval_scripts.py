@@ -1,0 +1,127 @@
+"""eval.generate and eval.exact_match end to end on tiny saved models with a char tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from calm_jax import decoding
+from calm_jax.loading import Pretrained, save_pretrained
+from eval import common, exact_match, generate
+from tests.test_decoding import char_tokenizer, random_params, tiny_config
+
+PROMPTS = ["ab+c", "hello 12", "x", "9*9=?"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """Saved HF directories: an anchor and two augmenting models sharing one tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    tok = char_tokenizer()
+    out = {}
+    for name, cfg, seed in (("anchor", tiny_config(hidden=32, layers=4), 1),
+                            ("aug1", tiny_config(hidden=24, layers=4, heads=2, kv_heads=1), 2),
+                            ("aug2", tiny_config(hidden=16, layers=4, family="gpt2"), 3)):
+        save_pretrained(Pretrained(cfg, random_params(cfg, seed), tok), str(root / name))
+        out[name] = str(root / name)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS)))
+    out["prompts"] = str(prompts)
+    out["root"] = root
+    return out
+
+
+def _composed_flags(dirs, encoder=False):
+    return ["--anchor", dirs["anchor"], "--augment", dirs["aug1"], "--augment", dirs["aug2"]] + (
+        ["--encoder-mode"] if encoder else [])
+
+
+def test_generate_plain_model_matches_library(dirs, tmp_path):
+    out = tmp_path / "gen.jsonl"
+    assert generate.main(["--model", dirs["anchor"], "--prompts", dirs["prompts"], "--out", str(out),
+                          "--max-new-tokens", "6", "--batch-size", "4"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    loaded = common.build_model(common_args(["--model", dirs["anchor"]]))
+    lib = decoding.generate(loaded.model, loaded.params, PROMPTS, max_new_tokens=6, tokenizer=loaded.tokenizer,
+                            batch_size=4)
+    assert [r["id"] for r in rows] == list(range(len(PROMPTS)))  # input fields kept, order kept
+    assert [r["tokens"] for r in rows] == [g.tokens for g in lib]
+    for r in rows:
+        assert 1 <= r["num_generated"] == len(r["tokens"]) <= 6
+        kept = r["tokens"][:-1] if r["stopped"] else r["tokens"]
+        assert r["generation"] == loaded.tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def common_args(argv):
+    import argparse
+    parser = argparse.ArgumentParser()
+    common.add_model_flags(parser)
+    return parser.parse_args(argv)
+
+
+def test_generate_composition_command_line(dirs, tmp_path):
+    """The real `python -m eval.generate` entry point, on a composition of two augmenting models."""
+    out = tmp_path / "gen.jsonl"
+    cmd = [sys.executable, "-m", "eval.generate", *_composed_flags(dirs), "--prompts", dirs["prompts"],
+           "--out", str(out), "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "5", "--seed", "3"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Θ_C is randomly initialised" in proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(PROMPTS) and all(1 <= r["num_generated"] <= 5 for r in rows)
+
+
+def test_exact_match_side_by_side_table(dirs, tmp_path):
+    """Targets built from the models' own greedy outputs, so the expected accuracies are known."""
+    variants = [("plain", ["--model", dirs["anchor"]]), ("calm", _composed_flags(dirs)),
+                ("calm-encoder", _composed_flags(dirs, encoder=True))]
+    out_dir = tmp_path / "em"
+    for label, flags in variants:
+        loaded = common.build_model(common_args(flags))
+        gens = decoding.generate(loaded.model, loaded.params, PROMPTS, max_new_tokens=6, tokenizer=loaded.tokenizer,
+                                 batch_size=4)
+        # Task "right": the target is the generation itself, padded with whitespace that the
+        # normalisation removes; task "wrong": a target it cannot produce ("#" is outside the
+        # tokenizer's characters, so no decoded generation contains it).
+        records = [{"prompt": p, "target": f"  {g.text} ", "task": "right"} for p, g in zip(PROMPTS[:3], gens)]
+        records.append({"prompt": PROMPTS[3], "target": gens[3].text + "#", "task": "wrong"})
+        data = tmp_path / f"data-{label}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert exact_match.main([*flags, "--data", str(data), "--out", str(out_dir), "--label", label,
+                                 "--max-new-tokens", "6", "--batch-size", "4", "--metrics", "chrf,bleu"]) == 0
+    results = json.loads((out_dir / "results.json").read_text())
+    assert list(results) == ["plain", "calm", "calm-encoder"]
+    for label in results:
+        scores = results[label]["scores"]
+        assert scores["right"]["exact_match"] == 1.0 and scores["right"]["n"] == 3
+        assert scores["wrong"]["exact_match"] == 0.0
+        assert scores["all"]["exact_match"] == 0.75
+        assert scores["right"]["chrf"] == pytest.approx(100.0)
+    assert results["calm-encoder"]["encoder_mode"] and not results["calm"]["encoder_mode"]
+    table = (out_dir / "results.md").read_text().splitlines()
+    assert table[0].startswith("| model | right EM % |") and len(table) == 2 + 3
+    assert table[2].startswith("| plain | 100.0 |")
+    preds = [json.loads(line) for line in (out_dir / "predictions-calm-encoder.jsonl").read_text().splitlines()]
+    assert [p["correct"] for p in preds] == [True, True, True, False]
+
+
+def test_scripts_report_bad_input(dirs, tmp_path):
+    out = str(tmp_path / "x.jsonl")
+    with pytest.raises(SystemExit, match="only apply to a composition"):
+        generate.main(["--model", dirs["anchor"], "--augment", dirs["aug1"], "--prompts", dirs["prompts"],
+                       "--out", out])
+    with pytest.raises(SystemExit, match="--anchor needs at least one --augment"):
+        generate.main(["--anchor", dirs["anchor"], "--prompts", dirs["prompts"], "--out", out])
+    with pytest.raises(SystemExit, match="error: stop token 'zz' is not a token of the vocabulary"):
+        generate.main(["--model", dirs["anchor"], "--prompts", dirs["prompts"], "--out", out, "--stop", "zz",
+                       "--max-new-tokens", "4"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ab"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: expected a JSON object with string field\(s\) prompt, target"):
+        exact_match.main(["--model", dirs["anchor"], "--data", str(bad), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="error: model directory not found"):
+        generate.main(["--model", str(tmp_path / "nope"), "--prompts", dirs["prompts"], "--out", out])
