@@ -1,0 +1,118 @@
+"""The key-value arithmetic data: D_KV's properties, the three tasks, disjoint splits, the tokenizer."""
+
+import re
+
+import pytest
+
+from calm_jax import data as data_lib
+from calm_jax import kv_task
+
+CFG = kv_task.KVTaskConfig(n_kv=120, n_eval=100, seed=7)
+
+
+@pytest.fixture(scope="module")
+def kv():
+    return kv_task.make_kv_data(CFG)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return kv_task.make_tokenizer()
+
+
+def test_dkv_keys_and_values(kv):
+    assert len(kv.keys) == len(set(kv.keys)) == CFG.n_kv
+    assert all(re.fullmatch(r"[a-z]{2,6}", k) for k in kv.keys)
+    assert sorted(kv.values) == list(range(1, CFG.n_kv + 1))
+    assert {len(k) for k in kv.keys} == set(range(2, 7))
+
+
+def test_held_in_split(kv):
+    assert len(kv.held_in) == round(0.2 * CFG.n_kv)
+    assert set(kv.held_in).isdisjoint(kv.held_out)
+    assert set(kv.held_in) | set(kv.held_out) == set(range(CFG.n_kv))
+
+
+def test_deterministic_from_seed(kv):
+    again = kv_task.make_kv_data(CFG)
+    assert again == kv
+    assert again.train_expressions(50, held_in_only=True) == kv.train_expressions(50, held_in_only=True)
+    other = kv_task.make_kv_data(CFG.replace(seed=8))
+    assert other.keys != kv.keys
+
+
+def test_splits_disjoint_by_expression(kv):
+    evals = set(kv.eval_all) | set(kv.eval_heldout)
+    assert len(kv.eval_all) == len(set(kv.eval_all)) == CFG.n_eval
+    assert set(kv.eval_all).isdisjoint(kv.eval_heldout)
+    assert evals.isdisjoint(kv.train_expressions(2000))
+    dc = kv.train_expressions(1000, held_in_only=True)
+    assert evals.isdisjoint(dc)
+    held_in = set(kv.held_in)
+    assert all(set(keys) <= held_in for keys, _ in dc)
+    assert all(not set(keys) & held_in for keys, _ in kv.eval_heldout)
+    # The all-keys set is not restricted: it mixes held-in and held-out keys.
+    assert any(set(keys) & held_in for keys, _ in kv.eval_all)
+    assert any(set(keys) - held_in for keys, _ in kv.eval_all)
+
+
+def test_three_tasks_from_one_expression(kv):
+    expr = ((0, 1), ("-",))
+    k0, k1 = kv.keys[0], kv.keys[1]
+    v0, v1 = kv.values[0], kv.values[1]
+    assert kv.record(expr, "kv_substitution") == {"prompt": f"[SUB]{k0}-{k1}=", "target": f"{v0}-{v1}"}
+    assert kv.record(expr, "kv_arithmetic") == {"prompt": f"[KVA]{k0}-{k1}=", "target": str(v0 - v1)}
+    assert kv.record(expr, "numeric_arithmetic") == {"prompt": f"[NUM]{v0}-{v1}=", "target": str(v0 - v1)}
+    with pytest.raises(ValueError, match="unknown task"):
+        kv.record(expr, "kv_division")
+
+
+def test_paper_precedence():
+    kv = kv_task.make_kv_data(kv_task.KVTaskConfig(n_kv=30, min_terms=3, max_terms=3, operators="+*", n_eval=10))
+    expr = ((0, 1, 2), ("+", "*"))
+    assert kv.result(expr) == kv.values[0] + kv.values[1] * kv.values[2]
+
+
+def test_paper_preset_scale():
+    p = kv_task.PAPER
+    assert (p.n_kv, p.min_terms, p.max_terms, p.operators) == (25_000, 3, 6, "+-*")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(operators="/"), "operators"),
+    (dict(n_kv=30, max_key_len=1, min_key_len=1), "do not fit"),
+    (dict(held_in_fraction=1.0), "held_in_fraction"),
+    (dict(min_terms=3, max_terms=2), "terms"),
+])
+def test_bad_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        kv_task.KVTaskConfig(**bad)
+
+
+def test_too_many_eval_expressions():
+    with pytest.raises(ValueError, match="lower n_eval"):
+        kv_task.make_kv_data(kv_task.KVTaskConfig(n_kv=10, n_eval=200))
+
+
+def test_tokenizer_is_character_level(kv, tok):
+    rec = kv.record(kv.eval_all[0], "kv_substitution")
+    ids, is_target = data_lib.encode(tok, rec, append_eos=True)
+    prompt_body = rec["prompt"][len("[SUB]"):]
+    # BOS, one marker token, one token per character, then the target and EOS.
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert ids[1] == tok.convert_tokens_to_ids("[SUB]")
+    assert len(ids) == 2 + len(prompt_body) + len(rec["target"]) + 1
+    assert sum(is_target) == len(rec["target"]) + 1
+    assert tok.decode(ids, skip_special_tokens=True) == prompt_body + rec["target"]
+    assert len({tok.convert_tokens_to_ids(m) for m in kv_task.MARKERS.values()}) == 3
+
+
+def test_tokenizer_round_trips_hf_format(tmp_path, tok):
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = "[KVA]abc+de-fg="
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert (again.bos_token, again.eos_token, again.pad_token) == ("[BOS]", "[EOS]", "[PAD]")
+    assert again.get_vocab() == tok.get_vocab()
