@@ -135,6 +135,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """Puts each leaf on its sharding: no copy where it is there already.
+
+    With several processes each leaf must hold the same value on every process (e.g. a
+    model loaded by each of them); each process fills only its own devices.
+    """
+    def one(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, s)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+    return jax.tree.map(one, tree, shardings)
+
+
 def put_batch(mesh: Mesh, batch: dict) -> dict:
     """Places a global numpy batch on the mesh, each process supplying only its own rows."""
     sharding = batch_sharding(mesh)

@@ -100,11 +100,12 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
     o_sh = shard_lib.param_shardings(mesh, jax.eval_shape(optimizer.init, trainable), fsdp=cfg.fsdp)
     f_sh = shard_lib.param_shardings(mesh, frozen, fsdp=cfg.fsdp)
     shardings = ts.StepShardings(t_sh, o_sh, f_sh, shard_lib.batch_sharding(mesh), shard_lib.replicated(mesh))
-    frozen = jax.device_put(frozen, f_sh)  # no copy when the caller placed them already
+    frozen = shard_lib.place(frozen, f_sh)  # no copy when the caller placed them already
     # A copy, because the step donates (deletes) the trainable arrays it is given.
-    trainable = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=t_sh)(trainable)
+    trainable = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=t_sh)(shard_lib.place(trainable, t_sh))
     opt_state = jax.jit(optimizer.init, out_shardings=o_sh)(trainable)
-    rng = jax.random.key_data(jax.random.key(cfg.seed))
+    rep = shard_lib.replicated(mesh)
+    rng = shard_lib.place(np.asarray(jax.random.key_data(jax.random.key(cfg.seed))), rep)
 
     checkpoints = ckpt.Checkpoints(run_dir, bases or {}, keep=cfg.keep)
     latest = checkpoints.latest_step()
@@ -112,9 +113,8 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
         raise CheckpointError(f"{run_dir} already has checkpoints (latest: step {latest}); "
                               "resume it (--resume) or choose another output directory")
     step, position = 0, data_lib.Position(0, 0)
-    state = {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": rng}
+    state = {"trainable": trainable, "opt_state": opt_state, "step": shard_lib.place(np.int32(0), rep), "rng": rng}
     if resume and latest is not None:
-        rep = shard_lib.replicated(mesh)
         state, saved = checkpoints.restore(ckpt.abstract(
             state, {"trainable": t_sh, "opt_state": o_sh, "step": rep, "rng": rep}))
         step, position = int(state["step"]), data_lib.Position(*saved["data_position"])
@@ -139,7 +139,7 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
 
     def save():
         checkpoints.save(step, {"trainable": trainable, "opt_state": opt_state,
-                                "step": jnp.asarray(step, jnp.int32), "rng": rng},
+                                "step": shard_lib.place(np.int32(step), rep), "rng": rng},
                          {"data_position": list(position), "step": step, "train_config": dataclasses.asdict(cfg),
                           **(meta or {})})
 
