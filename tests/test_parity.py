@@ -50,6 +50,19 @@ def test_logits_and_taps_match_hf(pair):
                                err_msg=f"{name}: final-normed last tap")
 
 
+def test_padded_rows_match_hf_on_the_unpadded_rows(pair):
+    """Our padded batch (default positions) gives each row the logits HF gives it alone, unpadded."""
+    name, hf, ours = pair
+    tokens, mask = padded_batch(seed=2)
+    logits = np.asarray(FWD(ours.config, ours.params, tokens, mask).logits_BxTxV)
+    for row in range(len(tokens)):
+        real = tokens[row][mask[row]][None]
+        hf_logits, _ = hf_models.hf_logits_and_hidden(hf, real, np.ones_like(real, bool),
+                                                      np.arange(real.shape[1])[None])
+        np.testing.assert_allclose(logits[row][mask[row]], hf_logits[0], atol=TOL, rtol=0,
+                                   err_msg=f"{name}: row {row}")
+
+
 def test_default_positions_are_hf_positions(pair):
     """Without explicit positions, forward derives the same ones HF needs for padding."""
     _, _, ours = pair
