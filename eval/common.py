@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 
+from calm_jax import checkpoint
 from calm_jax import composition as comp
 from calm_jax import decoding
 from calm_jax.config import ConfigError
@@ -77,7 +78,8 @@ def build_model(args: argparse.Namespace) -> Loaded:
         comp.check_vocabularies(anchor.tokenizer, [a.tokenizer for a in augments])
     frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}
     if args.composition:
-        ccfg, theta = load_composition(args.composition, anchor.config, tuple(a.config for a in augments))
+        # Checks the run was trained on these very models (configs and content hashes).
+        ccfg, theta = checkpoint.load_composition(args.composition, anchor, augments)
     else:
         ccfg = comp.CompositionConfig(anchor=anchor.config, augments=tuple(a.config for a in augments))
         theta = comp.init_theta(ccfg, jax.random.key(args.theta_seed))
@@ -86,15 +88,6 @@ def build_model(args: argparse.Namespace) -> Loaded:
     label = args.label or f"{mode}:{_name(args.anchor)}+{'+'.join(_name(d) for d in args.augment)}"
     return Loaded(comp.ComposedLM(ccfg, encoder_mode=args.encoder_mode), {"theta": theta, **frozen},
                   anchor.tokenizer, label)
-
-
-def load_composition(run_dir: str, anchor_cfg, augment_cfgs):
-    """(CompositionConfig, Θ_C) of a trained run, checked against the given frozen models."""
-    try:
-        from calm_jax import checkpoint
-    except ImportError as e:
-        raise SystemExit(f"--composition {run_dir}: this build has no composition checkpoint loader ({e})") from e
-    return checkpoint.load_composition(run_dir, anchor_cfg, augment_cfgs)
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:

@@ -125,3 +125,34 @@ def test_scripts_report_bad_input(dirs, tmp_path):
         exact_match.main(["--model", dirs["anchor"], "--data", str(bad), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="error: model directory not found"):
         generate.main(["--model", str(tmp_path / "nope"), "--prompts", dirs["prompts"], "--out", out])
+
+
+def test_trained_composition_from_run_dir(dirs, tmp_path):
+    """--composition RUN_DIR loads Θ_C from a checkpoint and refuses other base models."""
+    import jax
+
+    from calm_jax import checkpoint
+    from calm_jax import composition as comp
+    from calm_jax.loading import load_pretrained
+
+    anchor, aug1, aug2 = (load_pretrained(dirs[n]) for n in ("anchor", "aug1", "aug2"))
+    ccfg = comp.CompositionConfig(anchor=anchor.config, augments=(aug1.config, aug2.config),
+                                  connections=(((3, 3),), ((1, 1), (3, 2))), gate=True)
+    theta = jax.tree.map(lambda x: 3.0 * x, comp.init_theta(ccfg, jax.random.key(5)))
+    run = str(tmp_path / "run")
+    checkpoint.save_composition_config(run, ccfg)
+    ckpts = checkpoint.Checkpoints(run, checkpoint.composition_bases(anchor, [aug1, aug2]), async_save=False)
+    ckpts.save(7, {"trainable": theta}, {"step": 7})
+    ckpts.close()
+
+    out = tmp_path / "gen.jsonl"
+    assert generate.main([*_composed_flags(dirs), "--composition", run, "--prompts", dirs["prompts"],
+                          "--out", str(out), "--max-new-tokens", "6", "--batch-size", "4"]) == 0
+    model = comp.ComposedLM(ccfg)
+    params = {"theta": theta, "anchor": anchor.params, "augments": (aug1.params, aug2.params)}
+    lib = decoding.generate(model, params, PROMPTS, max_new_tokens=6, tokenizer=anchor.tokenizer, batch_size=4)
+    assert [json.loads(line)["tokens"] for line in out.read_text().splitlines()] == [g.tokens for g in lib]
+
+    swapped = ["--anchor", dirs["anchor"], "--augment", dirs["aug2"], "--augment", dirs["aug1"]]
+    with pytest.raises(SystemExit, match="belongs to other base models:\n  augment_0 config differs"):
+        generate.main([*swapped, "--composition", run, "--prompts", dirs["prompts"], "--out", str(out)])
