@@ -25,7 +25,7 @@ Decoding (`ComposedLM` with a `ComposedCache`) has two modes:
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +95,9 @@ class CompositionConfig:
 
     anchor, augments: the models' configs (one or more augmenting models).
     connections: per augmenting model, (augment layer i, anchor layer j) pairs, 0-based, in
-      increasing order; None (for all, or for one model) = `default_connections`.
+      increasing order of both layers: a sequence with one entry per augmenting model, or a
+      {model index: pairs} mapping; None (for all, or for one model) = `default_connections`.
+      Stored normalised: one tuple of pairs per augmenting model.
     num_heads: cross-attention heads (default: the anchor's); head size = D_B / num_heads.
     Options beyond the paper, all off by default:
       query_norm: RMSNorm on the anchor state before W^Q.
@@ -117,11 +119,21 @@ class CompositionConfig:
         augments = (self.augments,) if isinstance(self.augments, ModelConfig) else tuple(self.augments)
         if not augments:
             raise CompositionError("a composition needs at least one augmenting model")
+        if not isinstance(self.anchor, ModelConfig):
+            raise CompositionError(f"anchor must be a ModelConfig, found {type(self.anchor).__name__}")
         for k, aug in enumerate(augments):
+            if not isinstance(aug, ModelConfig):
+                raise CompositionError(f"augmenting model {k} must be a ModelConfig, found {type(aug).__name__}")
             if aug.vocab_size != self.anchor.vocab_size:
                 raise CompositionError(f"augmenting model {k} has vocab_size {aug.vocab_size}, the anchor "
                                        f"{self.anchor.vocab_size}: CALM needs one shared vocabulary")
         conns = self.connections if self.connections is not None else (None,) * len(augments)
+        if isinstance(conns, Mapping):
+            unknown = sorted(set(conns) - set(range(len(augments))), key=str)
+            if unknown:
+                raise CompositionError(f"connections given for augmenting model {unknown[0]!r}, but there are only "
+                                       f"{len(augments)} augmenting model(s) (0..{len(augments) - 1})")
+            conns = tuple(conns.get(k) for k in range(len(augments)))
         conns = tuple(conns)
         if len(conns) > len(augments):
             raise CompositionError(f"connections given for augmenting model {len(augments)} (0-based), "
