@@ -1,6 +1,7 @@
 """Scores a JSONL file of {"prompt", "target"} records with a model directory.
 
     python -m eval.loglik --model DIR --data FILE.jsonl [--out FILE.jsonl] [--batch-size N]
+    python -m eval.loglik --anchor DIR --augment DIR [...] [--composition RUN_DIR] --data FILE.jsonl ...
 
 Prints one JSON line: records, target tokens, total and per-token log-likelihood, perplexity.
 --out writes each record back with its "loglik" (summed over target tokens) and "n_tokens".
@@ -12,27 +13,28 @@ import argparse
 import json
 import sys
 
-from calm_jax import data, loading, model, scoring
+from calm_jax import data, loading, scoring
+from eval import common
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.loglik", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
+    common.add_model_flags(parser)  # --model DIR, or --anchor/--augment/--composition; --dtype
     parser.add_argument("--data", required=True, help='JSONL file of {"prompt", "target"} records')
     parser.add_argument("--out", help="JSONL file to write per-record scores to")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.encoder_mode:  # scoring has no prompt/continuation split for the augmenting models
+        parser.error("--encoder-mode is a decoding ablation; eval.loglik scores iterative compositions only")
     try:
         records = data.read_jsonl(args.data)
-        pretrained = loading.load_pretrained(args.model, dtype=args.dtype)
-        if pretrained.tokenizer is None:
-            raise loading.CheckpointError(f"{args.model} has no tokenizer files (tokenizer.json, ...)")
-        scores = scoring.loglik(model.PlainLM(pretrained.config), pretrained.params, pretrained.tokenizer,
-                                records, args.batch_size)
-    except (data.DataError, loading.CheckpointError) as e:
+        loaded = common.build_model(args)
+        if loaded.tokenizer is None:
+            raise loading.CheckpointError(f"{args.model or args.anchor} has no tokenizer files (tokenizer.json, ...)")
+        scores = scoring.loglik(loaded.model, loaded.params, loaded.tokenizer, records, args.batch_size)
+    except common.USER_ERRORS as e:
         print(f"eval.loglik: error: {e}", file=sys.stderr)
         return 2
     if args.out:

@@ -156,3 +156,29 @@ def test_trained_composition_from_run_dir(dirs, tmp_path):
     swapped = ["--anchor", dirs["anchor"], "--augment", dirs["aug2"], "--augment", dirs["aug1"]]
     with pytest.raises(SystemExit, match="belongs to other base models:\n  augment_0 config differs"):
         generate.main([*swapped, "--composition", run, "--prompts", dirs["prompts"], "--out", str(out)])
+
+
+def test_loglik_scores_a_composition(dirs, tmp_path, capsys):
+    """eval.loglik with --anchor/--augment: each record's score equals a direct composed forward."""
+    import jax
+    import numpy as np
+
+    from calm_jax.data import encode
+    from eval import loglik
+
+    records = [{"prompt": "ab+c", "target": "=12"}, {"prompt": "hello", "target": " x"}]
+    data = tmp_path / "ll.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "scores.jsonl"
+    flags = _composed_flags(dirs)
+    assert loglik.main([*flags, "--data", str(data), "--out", str(out)]) == 0
+    scores = [json.loads(line)["loglik"] for line in out.read_text().splitlines()]
+    loaded = common.build_model(common_args(flags))
+    for record, score in zip(records, scores):
+        ids, flags_T = encode(loaded.tokenizer, record)
+        logits = loaded.model.apply(loaded.params, np.asarray([ids])).logits_BxTxV[0]
+        logp = jax.nn.log_softmax(logits[:-1], axis=-1)[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+        assert score == pytest.approx(float(np.sum(np.asarray(logp)[np.asarray(flags_T[1:])])), abs=1e-4)
+    with pytest.raises(SystemExit):
+        loglik.main([*flags, "--encoder-mode", "--data", str(data)])
+    assert "--encoder-mode is a decoding ablation" in capsys.readouterr().err
