@@ -172,12 +172,25 @@ def composition_bases(anchor, augments) -> dict:
 
 
 def save_composition_config(run_dir: str, ccfg) -> None:
-    """Writes how Θ_C is wired (connections, heads, options) next to the checkpoints."""
-    record = {"connections": [[list(p) for p in pairs] for pairs in ccfg.connections],
-              **{k: getattr(ccfg, k) for k in _COMPOSITION_FIELDS}}
+    """Writes how Θ_C is wired (connections, heads, options) next to the checkpoints.
+
+    If the run directory has one already (a resumed run), it must be the same: raises
+    BaseModelMismatch naming the fields that differ.
+    """
+    record = json.loads(json.dumps({"connections": [[list(p) for p in pairs] for pairs in ccfg.connections],
+                                    **{k: getattr(ccfg, k) for k in _COMPOSITION_FIELDS}}))
+    path = os.path.join(run_dir, _COMPOSITION_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        diffs = [f"{k}: trained with {saved.get(k)!r}, given {record.get(k)!r}"
+                 for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k)]
+        if diffs:
+            raise BaseModelMismatch(f"{run_dir} holds a composition wired differently: " + "; ".join(diffs))
+        return
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, _COMPOSITION_FILE), "w") as f:
+        with open(path, "w") as f:
             json.dump(record, f, indent=1)
 
 

@@ -1,0 +1,124 @@
+"""`python -m train.compose` end to end on tiny HF models, and its bad-input errors."""
+
+import json
+import os
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from calm_jax import checkpoint as ckpt
+from calm_jax.composition import param_count
+from calm_jax.loading import load_pretrained
+from tests.hf_models import make_tokenizer, save_hf_model
+from train import compose
+
+
+def _write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """Tiny anchor and augmenting HF models sharing one tokenizer, and train/eval JSONL files."""
+    root = tmp_path_factory.mktemp("compose")
+    tok = make_tokenizer()
+    dirs = {}
+    for name, spec, seed in (("anchor", "llama", 0), ("augment", "llama_tied_headdim", 1),
+                             ("other", "llama_tied_headdim", 2)):
+        dirs[name] = str(root / name)
+        save_hf_model(spec, dirs[name], seed)
+        tok.save_pretrained(dirs[name])
+    rng = random.Random(0)
+    keys = ["".join(rng.choice("abcdef") for _ in range(3)) for _ in range(40)]
+    dirs["train"] = _write_jsonl(root / "train.jsonl", [{"prompt": k + "=", "target": k[::-1]} for k in keys[:32]])
+    dirs["eval"] = _write_jsonl(root / "eval.jsonl", [{"text": k + "=" + k[::-1]} for k in keys[32:]])
+    return dirs
+
+
+def compose_argv(d, out, *extra):
+    return ["--anchor", d["anchor"], "--augment", d["augment"], "--data", d["train"], "--out", str(out),
+            "--seq-len", "16", "--batch-size", "8", "--no-progress", *extra]
+
+
+def test_cli_end_to_end(hf_dirs, tmp_path, capsys):
+    config = _write_jsonl(tmp_path / "c.json", [])
+    with open(config, "w") as f:
+        json.dump({"steps": 4, "lr": 0.003, "warmup": 1, "save_every": 100, "eval_every": 3, "seed": 5}, f)
+    out = tmp_path / "run"
+    # The flag overrides the config file's steps.
+    rc = compose.main(compose_argv(hf_dirs, out, "--config", config, "--steps", "6", "--eval-data", hf_dirs["eval"],
+                                   "--mesh", "data=4,model=2", "--connections", "0:1-0,0:2-2"))
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "augment 0: layer 1 -> anchor layer 0" in printed.out and "layer 2 -> anchor layer 2" in printed.out
+    records = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert [r["step"] for r in evals] == [3, 6] and all(r["eval_tokens"] > 0 for r in evals)
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert os.path.getsize(out / "loss.png") > 1000
+    assert sorted(os.listdir(out / "checkpoints")) == ["6"]  # save_every 100: only the final one
+    anchor, augment = load_pretrained(hf_dirs["anchor"]), load_pretrained(hf_dirs["augment"])
+    ccfg, theta = ckpt.load_composition(str(out), anchor, [augment])
+    assert ccfg.connections == (((1, 0), (2, 2)),)
+    assert f"Θ_C parameters: {param_count(theta):,}" in printed.out
+    # Resuming a finished run trains nothing more and keeps its metrics...
+    assert compose.main(compose_argv(hf_dirs, out, "--config", config, "--steps", "6", "--resume",
+                                     "--connections", "0:1-0,0:2-2")) == 0
+    assert len([ln for ln in open(out / "metrics.jsonl")]) == len(records)
+    # ... and resuming with other connections is refused.
+    err = _error(capsys, compose_argv(hf_dirs, out, "--config", config, "--resume"))
+    assert "wired differently: connections: trained with [[[1, 0], [2, 2]]], given [[[2, 2]]]" in err
+
+
+def _error(capsys, argv):
+    rc = compose.main(argv)
+    assert rc == 2
+    return capsys.readouterr().err
+
+
+def test_cli_bad_inputs(hf_dirs, tmp_path, capsys):
+    d = hf_dirs
+    err = _error(capsys, compose_argv({**d, "train": str(tmp_path / "nope.jsonl")}, tmp_path / "r1", "--steps", "1"))
+    assert "data file not found:" in err and "nope.jsonl" in err
+    err = _error(capsys, compose_argv(d, tmp_path / "r2", "--mesh", "data=8,model=2"))
+    assert "needs 16 devices" in err and "only 8 are available" in err
+    err = _error(capsys, compose_argv(d, tmp_path / "r3", "--mesh", "dta=2"))
+    assert "bad mesh spec 'dta=2'" in err
+    err = _error(capsys, compose_argv(d, tmp_path / "r4", "--connections", "0:5-1"))
+    assert "layer 5 out of range for augmenting model 0" in err
+    err = _error(capsys, compose_argv({**d, "anchor": str(tmp_path / "missing")}, tmp_path / "r5"))
+    assert "model directory not found" in err
+    err = _error(capsys, compose_argv(d, tmp_path / "r6", "--seq-len", "4"))
+    assert "more than the sequence length 4" in err
+    with pytest.raises(SystemExit, match="missing required --augment"):
+        compose.main(["--anchor", d["anchor"], "--data", d["train"], "--out", str(tmp_path / "r7")])
+    with pytest.raises(SystemExit, match=r"--connections '0:3': expected"):
+        compose.main(compose_argv(d, tmp_path / "r8", "--connections", "0:3"))
+    with pytest.raises(SystemExit, match="batch_size 8 is not divisible by grad_accum 3"):
+        compose.main(compose_argv(d, tmp_path / "r9", "--grad-accum", "3"))
+    bad_config = _write_jsonl(tmp_path / "bad.json", [{"stepz": 3}])
+    with pytest.raises(SystemExit, match=r"unknown keys \['stepz'\]"):
+        compose.main(compose_argv(d, tmp_path / "r10", "--config", bad_config))
+
+
+def test_cli_refuses_to_overwrite_or_to_resume_against_other_models(hf_dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert compose.main(compose_argv(hf_dirs, out, "--steps", "1")) == 0
+    capsys.readouterr()
+    err = _error(capsys, compose_argv(hf_dirs, out, "--steps", "2"))
+    assert "already has checkpoints (latest: step 1)" in err and "--resume" in err
+    err = _error(capsys, compose_argv({**hf_dirs, "augment": hf_dirs["other"]}, out, "--steps", "2", "--resume"))
+    assert "belongs to other base models" in err
+    assert "augment_0 has the same config but different weights" in err
+    with pytest.raises(ckpt.BaseModelMismatch, match="augment_0 has the same config but different weights"):
+        ckpt.load_composition(str(out), load_pretrained(hf_dirs["anchor"]), [load_pretrained(hf_dirs["other"])])
+    # The same models stored in bf16 are the same models.
+    ckpt.load_composition(str(out), load_pretrained(hf_dirs["anchor"], param_dtype="bfloat16"),
+                          [load_pretrained(hf_dirs["augment"], param_dtype="bfloat16")])
