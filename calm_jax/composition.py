@@ -247,9 +247,11 @@ def init_composed_cache(ccfg: CompositionConfig, batch: int, length: int) -> Com
         c = init_cache(aug, batch, length)
         last = max(_augment_layers(pairs))
         # Layers after the last tap never run (logits=False), so their slots need no memory.
-        empty = jnp.zeros((batch, 0, aug.num_kv_heads, aug.head_dim), c.k[0].dtype)
-        augments.append(c.replace(k=c.k[:last + 1] + (empty,) * (aug.num_layers - last - 1),
-                                  v=c.v[:last + 1] + (empty,) * (aug.num_layers - last - 1)))
+        # Distinct arrays, not one repeated: a donated cache must not hold a buffer twice.
+        def empty():
+            return tuple(jnp.zeros((batch, 0, aug.num_kv_heads, aug.head_dim), c.k[0].dtype)
+                         for _ in range(aug.num_layers - last - 1))
+        augments.append(c.replace(k=c.k[:last + 1] + empty(), v=c.v[:last + 1] + empty()))
     kv = tuple(tuple(jnp.zeros((batch, length, ccfg.num_heads, ccfg.head_dim), ccfg.dtype) for _ in pairs)
                for pairs in ccfg.connections)
     return ComposedCache(anchor=init_cache(ccfg.anchor, batch, length), augments=tuple(augments),
