@@ -281,6 +281,12 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
     if len(frozen_augments) != len(ccfg.augments):
         raise CompositionError(f"params['augments'] holds {len(frozen_augments)} parameter trees for "
                                f"{len(ccfg.augments)} augmenting models")
+    for m, pairs in enumerate(ccfg.connections):
+        have = theta.get(f"augment_{m}", {})
+        missing = [f"augment_{m}/conn_{c}" for c in range(len(pairs)) if f"conn_{c}" not in have]
+        if missing:
+            raise CompositionError(f"Θ_C has no parameters for {missing[0]}: it was made for a different composition "
+                                   f"(this one has {len(pairs)} connection(s) for augmenting model {m})")
 
     t = tokens_BxT.shape[1]
     run_augments = cache is None or not (encoder_mode and cache.augments_done)

@@ -133,6 +133,10 @@ def test_bad_models_raise():
         CompositionConfig(ANCHOR, ({},))
     with pytest.raises(CompositionError, match=r"params\['augments'\] holds 1 parameter trees for 2"):
         composed_forward(CCFG, {"theta": {}, "anchor": {}, "augments": ({},)}, jnp.zeros((1, 2), jnp.int32))
+    theta = init_theta(CompositionConfig(ANCHOR, (AUG_LLAMA, AUG_GPT2)), jax.random.key(0))  # 1 conn for augment 1
+    with pytest.raises(CompositionError, match=r"Θ_C has no parameters for augment_1/conn_1: .* 2 connection\(s\)"):
+        jax.eval_shape(functools.partial(composed_forward, CCFG), {"theta": theta, "anchor": {}, "augments": ({}, {})},
+                       jax.ShapeDtypeStruct((1, 2), jnp.int32))
 
 
 def _tokenizer(tokens):
