@@ -1,11 +1,27 @@
-"""calm-jax: CALM (Composition to Augment Language Models) in JAX/Flax."""
+"""calm-jax: CALM (Composition to Augment Language Models) in JAX/Flax.
 
+The public API in one place; each name lives in the module of its concept:
+config (ModelConfig), model (the Flax decoder), loading (HF checkpoints), composition
+(Θ_C and the composed model), train_step / trainer / sharding / checkpoint (training),
+decoding (generation), scoring and metrics (evaluation), kv_task (the paper's KV task).
+"""
+
+from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, CompositionError, check_vocabularies,
+                                  composed_forward, default_connections, describe, init_composed_cache, init_theta,
+                                  param_count)
 from calm_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
+from calm_jax.cross_attention import CrossAttention
+from calm_jax.decoding import GenerationError, Sampling, generate
 from calm_jax.loading import CheckpointError, Pretrained, load_pretrained, load_tokenizer, save_pretrained
-from calm_jax.model import KVCache, LMOutput, PlainLM, forward, init_cache, init_params, param_shapes
+from calm_jax.model import (KVCache, LMOutput, PlainLM, final_norm, forward, init_cache, init_params,
+                            param_shapes)
+from calm_jax.scoring import loglik
 
 __all__ = [
-    "CheckpointError", "ConfigError", "KVCache", "LMOutput", "ModelConfig", "PlainLM", "Pretrained", "forward",
-    "from_hf_config", "init_cache", "init_params", "load_pretrained", "load_tokenizer", "param_shapes",
-    "save_pretrained", "to_hf_config",
+    "CheckpointError", "ComposedCache", "ComposedLM", "CompositionConfig", "CompositionError", "ConfigError",
+    "CrossAttention", "GenerationError", "KVCache", "LMOutput", "ModelConfig", "PlainLM", "Pretrained", "Sampling",
+    "check_vocabularies", "composed_forward", "default_connections", "describe", "final_norm", "forward",
+    "from_hf_config", "generate", "init_cache", "init_composed_cache", "init_params", "init_theta",
+    "load_pretrained", "load_tokenizer", "loglik", "param_count", "param_shapes", "save_pretrained",
+    "to_hf_config",
 ]
