@@ -1,0 +1,187 @@
+"""Composed train step at the peer shapes of BENCHMARKS.md: tokens/s, FLOPs vs measured matmul limit, memory.
+
+    .venv/bin/python benchmarks/bench_train_step.py [--reps 5] [--batch 8] [--seq 128]
+
+Prints JSON lines: the matmul reference, the step (tokens/s, FLOPs, fraction of the limit),
+a breakdown (composed forward, each frozen model's forward alone) to show where the time
+goes, and memory: the compiled step's own temporaries (activations) next to the frozen
+weights' size, and the bytes of all live arrays (frozen weights held once: live = frozen +
+Θ_C and its optimizer state + batch), with peak RSS for context. All timings from one run:
+warm-up first, median of --reps, block_until_ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from calm_jax import train_step as ts  # noqa: E402
+from calm_jax.composition import ComposedLM, CompositionConfig, init_theta, param_count  # noqa: E402
+from calm_jax.config import ModelConfig  # noqa: E402
+from calm_jax.model import forward, init_params  # noqa: E402
+
+# Peer shapes. The augmenting MLP width is not given there: 704 keeps the anchor's ratio (2.75).
+ANCHOR = ModelConfig(family="llama", vocab_size=512, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
+                     head_dim=64, intermediate_size=1408, max_positions=512)
+AUGMENT = ModelConfig(family="llama", vocab_size=512, hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=4,
+                      head_dim=64, intermediate_size=704, max_positions=512)
+CCFG = CompositionConfig(ANCHOR, (AUGMENT,))  # every 4th augmenting layer: (3, 3), (7, 7)
+
+
+def timed(fn, reps):
+    jax.block_until_ready(fn())  # compile + warm up
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def layer_flops(cfg: ModelConfig, t: int) -> tuple[float, float]:
+    """Forward FLOPs per token of one layer: (matmuls, attention scores + weighted sum)."""
+    d, h, g, k, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    matmul = 2 * (d * h * k + 2 * d * g * k + h * k * d + (3 if cfg.mlp == "gated" else 2) * d * f)
+    return matmul, 2 * 2 * t * h * k
+
+
+def step_flops(ccfg: CompositionConfig, b: int, t: int) -> dict:
+    """FLOPs the step must do (see BENCHMARKS.md), counted from the shapes.
+
+    anchor: forward of every layer and the head, plus the backward to activations of the
+      layers after the first connected one and of the head (1x a matmul's forward; 2x for
+      attention). Its weights get no gradients, the layers below the first connection no
+      backward at all.
+    augmenting models: forward up to their last tapped layer.
+    Θ_C: forward + backward (weight and input gradients: 3x), except that f_proj's input
+      (a frozen augmenting state) needs no gradient (2x).
+    """
+    a = ccfg.anchor
+    mm, att = layer_flops(a, t)
+    head = 2 * a.hidden_size * a.vocab_size
+    first = min(j for pairs in ccfg.connections for _, j in pairs)
+    anchor = a.num_layers * (mm + att) + head + (a.num_layers - 1 - first) * (mm + 2 * att) + head
+    augment = 0
+    theta = 0
+    for aug, pairs in zip(ccfg.augments, ccfg.connections):
+        amm, aatt = layer_flops(aug, t)
+        augment += (max(i for i, _ in pairs) + 1) * (amm + aatt)
+        dh, hk = a.hidden_size, ccfg.num_heads * ccfg.head_dim
+        proj = 2 * aug.hidden_size * dh
+        rest = 2 * (3 * dh * hk + hk * dh) + 2 * 2 * t * hk
+        theta += len(pairs) * (2 * proj + 3 * rest)
+    return {k: v * b * t for k, v in (("anchor", anchor), ("augment", augment), ("theta", theta))}
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    args = p.parse_args()
+    b, t = args.batch, args.seq
+    device = jax.devices()[0]
+    common = {"device": device.device_kind, "platform": device.platform, "batch": b, "seq": t}
+
+    n = 2048
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda u: u @ u)
+    mm_s = timed(lambda: mm(x), args.reps)
+    matmul_flops_s = 2 * n ** 3 / mm_s
+    print(json.dumps({"bench": "matmul_2048_fp32", **common, "seconds": mm_s, "gflops_s": matmul_flops_s / 1e9}),
+          flush=True)
+    del x
+
+    rss_start = rss_mib()
+    frozen = {"anchor": init_params(ANCHOR, jax.random.key(1)), "augments": (init_params(AUGMENT, jax.random.key(2)),)}
+    frozen = jax.block_until_ready(frozen)
+    frozen_mib = sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2 ** 20
+    rss_frozen = rss_mib()
+    theta = init_theta(CCFG, jax.random.key(0))
+    opt = ts.make_optimizer(1e-3, 1000, 10)
+    state = opt.init(theta)
+    loss_fn = ts.lm_loss(ComposedLM(CCFG).apply, ts.join_composition)
+    step = ts.make_train_step(loss_fn, opt)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, ANCHOR.vocab_size, (b, t)).astype(np.int32)
+    batch = {"tokens_BxT": jnp.asarray(tokens), "mask_BxT": jnp.ones((b, t), bool),
+             "target_BxT": jnp.ones((b, t), bool)}
+
+    carry = {"theta": theta, "state": state}
+
+    def run_step():
+        carry["theta"], carry["state"], m = step(carry["theta"], carry["state"], frozen, batch)
+        return m["loss"]
+
+    step_s = timed(run_step, args.reps)
+    flops = step_flops(CCFG, b, t)
+    total = sum(flops.values())
+    compiled = step.jitted.lower(carry["theta"], carry["state"], frozen, batch).compile()
+    xla = compiled.cost_analysis()
+    xla_flops = (xla[0] if isinstance(xla, list) else xla).get("flops")
+    limit_s = total / matmul_flops_s
+    print(json.dumps({"bench": "composed_train_step", **common, "seconds": step_s, "tokens_per_s": b * t / step_s,
+                      "flops": total, "flops_by_part": flops, "xla_flops": xla_flops,
+                      "theta_params": param_count(theta), "connections": [list(map(list, c)) for c in CCFG.connections],
+                      "achieved_gflops_s": total / step_s / 1e9, "limit_seconds": limit_s,
+                      "fraction_of_limit": limit_s / step_s, "target": 0.8}), flush=True)
+
+    # Where the time goes: the forward passes the step contains, each timed alone.
+    params = ts.join_composition(carry["theta"], frozen)
+    composed = jax.jit(lambda p, tok: ComposedLM(CCFG).apply(p, tok).logits_BxTxV)
+    anchor = jax.jit(lambda p, tok: forward(ANCHOR, p, tok).logits_BxTxV)
+    augment = jax.jit(lambda p, tok: forward(AUGMENT, p, tok, taps=(7,), logits=False).taps[7])
+    loss_only = jax.jit(loss_fn)
+    parts = {"composed_forward": timed(lambda: composed(params, batch["tokens_BxT"]), args.reps),
+             "composed_loss": timed(lambda: loss_only(carry["theta"], frozen, batch), args.reps),
+             "anchor_forward": timed(lambda: anchor(frozen["anchor"], batch["tokens_BxT"]), args.reps),
+             "augment_forward": timed(lambda: augment(frozen["augments"][0], batch["tokens_BxT"]), args.reps)}
+    a_mm, a_att = layer_flops(ANCHOR, t)
+    anchor_fwd_flops = b * t * (ANCHOR.num_layers * (a_mm + a_att) + 2 * ANCHOR.hidden_size * ANCHOR.vocab_size)
+    print(json.dumps({"bench": "composed_train_step_breakdown", **common, "seconds": parts,
+                      "step_seconds": step_s, "backward_and_update_seconds": step_s - parts["composed_loss"],
+                      "anchor_forward_fraction_of_limit": anchor_fwd_flops / matmul_flops_s / parts["anchor_forward"]}),
+          flush=True)
+
+    # Memory: what the compiled step holds besides its inputs, and every array alive now.
+    theta_mib = sum(x.nbytes for x in jax.tree.leaves((carry["theta"], carry["state"]))) / 2 ** 20
+    mem = compiled.memory_analysis()
+    live_mib = sum(x.nbytes for x in jax.live_arrays()) / 2 ** 20
+    batch_mib = sum(x.nbytes for x in jax.tree.leaves(batch)) / 2 ** 20
+    print(json.dumps({"bench": "composed_train_step_memory", **common, "frozen_weights_mib": frozen_mib,
+                      "theta_and_optimizer_mib": theta_mib,
+                      "step_arguments_mib": mem.argument_size_in_bytes / 2 ** 20,
+                      "step_donated_mib": mem.alias_size_in_bytes / 2 ** 20,
+                      "step_temporaries_mib": mem.temp_size_in_bytes / 2 ** 20,
+                      "live_arrays_mib": live_mib,
+                      "live_minus_frozen_theta_batch_mib": live_mib - frozen_mib - theta_mib - batch_mib,
+                      "rss_start_mib": rss_start, "rss_after_frozen_mib": rss_frozen, "peak_rss_mib": peak_rss_mib()}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
