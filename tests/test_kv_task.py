@@ -116,3 +116,17 @@ def test_tokenizer_round_trips_hf_format(tmp_path, tok):
     assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert (again.bos_token, again.eos_token, again.pad_token) == ("[BOS]", "[EOS]", "[PAD]")
     assert again.get_vocab() == tok.get_vocab()
+
+
+def test_fixed_width_and_scratchpad():
+    cfg = kv_task.KVTaskConfig(n_kv=99, fixed_width=True, scratchpad=True, n_eval=20)
+    kv = kv_task.make_kv_data(cfg)
+    a, b = kv.values.index(7), kv.values.index(22)
+    expr = ((a, b), ("-",))
+    k = f"{kv.keys[a]}-{kv.keys[b]}"
+    assert kv.record(expr, "kv_substitution") == {"prompt": f"[SUB]{k}=", "target": "07-22"}
+    assert kv.record(expr, "numeric_arithmetic") == {"prompt": "[NUM]07-22=", "target": "-015"}
+    assert kv.record(expr, "kv_arithmetic") == {"prompt": f"[KVA]{k}=", "target": "07-22=-015"}
+    assert kv.record(((b, a), ("+",)), "numeric_arithmetic")["target"] == "+029"
+    # Every numeric target has the same length: sign + digits of the largest |result| (99 + 99).
+    assert {len(kv.record(e, "numeric_arithmetic")["target"]) for e in kv.eval_all} == {4}
