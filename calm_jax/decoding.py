@@ -131,7 +131,7 @@ class _Static:
 
 
 def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_tokens: int,
-           sampling: Sampling = Sampling(), use_cache: bool = True) -> "DecodeOutput":
+           sampling: Sampling = Sampling(), use_cache: bool = True) -> DecodeOutput:
     """Generates up to `max_new_tokens` per row, all inside one compiled function.
 
     tokens_BxP/mask_BxP: left-padded prompts (every row's last slot is a real token).
@@ -266,7 +266,8 @@ def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_t
     ids = _prompt_ids(prompts, tokenizer, max_new_tokens, model.max_positions)
     stop_ids = resolve_stop_ids(stop, model.vocab_size, tokenizer, stop_at_eos)
     # Padded with -1 (never generated) to a multiple of 8, so the stop list rarely changes the compiled shape.
-    stop_ids_S = jnp.asarray(stop_ids + [-1] * (-len(stop_ids) % 8 or (8 if not stop_ids else 0)), jnp.int32)
+    width = max(8, -(-len(stop_ids) // 8) * 8)
+    stop_ids_S = jnp.asarray(stop_ids + [-1] * (width - len(stop_ids)), jnp.int32)
     batch_size = batch_size or len(ids)
     rng = jax.random.key(seed)
     results = []
