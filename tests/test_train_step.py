@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 
 import chex
 import jax
@@ -11,6 +12,7 @@ import pytest
 
 from calm_jax import data as data_lib
 from calm_jax import train_step as ts
+from calm_jax import trainer
 from calm_jax.composition import ComposedLM, CompositionConfig, init_theta
 from calm_jax.config import ModelConfig
 from calm_jax.model import PlainLM, forward, param_shapes
@@ -141,18 +143,17 @@ def test_bf16_frozen_models_with_fp32_theta_and_optimizer():
     assert float(m16["loss"]) != float(m32["loss"])
 
 
-def test_plain_lm_training_all_weights_trainable():
+def test_plain_lm_training_through_the_trainer(tmp_path):
+    # Plain LM training (all weights trainable, nothing frozen) uses the same machinery.
     params = random_params(ANCHOR, 9, scale=0.02)
-    loss_fn = ts.lm_loss(PlainLM(ANCHOR).apply)
-    opt = ts.make_optimizer(3e-3, 30, 0)
-    state = opt.init(params)
-    step = ts.make_train_step(loss_fn, opt)
-    batch = random_batch(seed=1)
-    losses = []
-    for _ in range(15):
-        params, state, m = step(params, state, {}, batch)
-        losses.append(float(m["loss"]))
-    assert losses[-1] < losses[0] - 1.0, losses
+    b = random_batch(seed=1)
+    ds = data_lib.Dataset("random", b["tokens_BxT"], b["mask_BxT"], b["target_BxT"])
+    cfg = trainer.TrainConfig(steps=15, batch_size=8, seq_len=12, lr=3e-3, warmup=0, mesh="data=1", progress=False)
+    result = trainer.train(str(tmp_path), cfg, ts.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds)
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 15 and losses[-1] < losses[0] - 1.0, losses
+    assert jax.tree.structure(result.trainable) == jax.tree.structure(params)
+    assert os.listdir(tmp_path / "checkpoints") == ["15"] and (tmp_path / "loss.png").is_file()
 
 
 def test_loss_decreases_only_with_the_augmenting_models_knowledge():
