@@ -1,0 +1,118 @@
+"""Decoding new tokens/s: anchor alone, composition (iterative and encoder mode), no-cache baseline.
+
+Peer shapes of shared/BENCHMARKS.md, random weights: anchor Llama-style hidden 512, 8 layers,
+8 heads, gated MLP 1408, vocab 512; augmenting Llama-style hidden 256, 8 layers, 4 heads,
+gated MLP 704, vocab 512; the paper's default connections (augmenting layers 3, 7 -> anchor
+layers 3, 7), cross-attention heads = anchor heads. Batch 8, prompt 32, 96 new tokens, greedy,
+fp32. Every variant is `calm_jax.decoding.decode` (one jitted while_loop, prefill included
+in the time); no stop tokens, so all 96 steps run. Variants are interleaved (one rep of each
+per round) so machine noise hits all alike; median of the rounds after a compile warm-up.
+
+The no-cache baseline re-runs the full forward over a fixed prompt + new-token buffer
+(128 slots) at every step. A no-cache decoder that grows its input instead would process
+(32 + 96/2) / 128 = 0.625 of those tokens on average, so the `cache_speedup_growing`
+line scales the measured gain by 0.625: a conservative bound for that kind of baseline.
+
+    python benchmarks/bench_decode.py [--reps 5] [--batch 8] [--prompt 32] [--new 96] [--augments 1]
+        [--skip-nocache]   (the no-cache baseline takes minutes per rep on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from calm_jax import composition as comp  # noqa: E402
+from calm_jax import decoding  # noqa: E402
+from calm_jax.config import ModelConfig  # noqa: E402
+from calm_jax.model import PlainLM, init_params  # noqa: E402
+
+ANCHOR = ModelConfig(family="llama", vocab_size=512, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
+                     head_dim=64, intermediate_size=1408, max_positions=512)
+AUGMENT = ModelConfig(family="llama", vocab_size=512, hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=4,
+                      head_dim=64, intermediate_size=704, max_positions=512)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=96)
+    parser.add_argument("--augments", type=int, default=1, help="number of augmenting models (peer shape: 1)")
+    parser.add_argument("--skip-nocache", action="store_true", help="leave out the (slow) no-cache baseline")
+    args = parser.parse_args()
+
+    ccfg = comp.CompositionConfig(anchor=ANCHOR, augments=(AUGMENT,) * args.augments)
+    anchor_params = init_params(ANCHOR, jax.random.key(0))
+    composed_params = {"theta": comp.init_theta(ccfg, jax.random.key(1)), "anchor": anchor_params,
+                       "augments": tuple(init_params(AUGMENT, jax.random.key(2 + k)) for k in range(args.augments))}
+    tokens = np.random.default_rng(0).integers(3, 512, (args.batch, args.prompt)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    no_stop = jnp.full((8,), -1, jnp.int32)
+
+    variants = {
+        "anchor": (PlainLM(ANCHOR), anchor_params, True),
+        "composed_iterative": (comp.ComposedLM(ccfg), composed_params, True),
+        "composed_encoder": (comp.ComposedLM(ccfg, encoder_mode=True), composed_params, True),
+        "composed_iterative_nocache": (comp.ComposedLM(ccfg), composed_params, False),
+    }
+    if args.skip_nocache:
+        del variants["composed_iterative_nocache"]
+
+    def run(name):
+        model, params, cache = variants[name]
+        out = decoding.decode(model, params, tokens, mask, no_stop, jax.random.key(0), max_new_tokens=args.new,
+                              use_cache=cache)
+        jax.block_until_ready(out)
+        return out
+
+    outputs = {}
+    for name in variants:  # warm-up: compile
+        start = time.perf_counter()
+        outputs[name] = run(name)
+        print(f"# compiled and ran {name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        assert int(outputs[name].num_B.min()) == args.new, "every row must decode all new tokens"
+    if "composed_iterative_nocache" in outputs:  # the same computation as the cached iterative loop
+        assert np.array_equal(outputs["composed_iterative"].tokens_BxN,
+                              outputs["composed_iterative_nocache"].tokens_BxN)
+
+    times = {name: [] for name in variants}
+    for _ in range(args.reps):
+        for name in variants:
+            start = time.perf_counter()
+            run(name)
+            times[name].append(time.perf_counter() - start)
+
+    new_tokens = args.batch * args.new
+    shape = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new, augments=args.augments,
+                 device=jax.devices()[0].platform, reps=args.reps)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in median.items():
+        print(json.dumps({"bench": "decode", "variant": name, "new_tokens_per_s": round(new_tokens / t, 1),
+                          "median_s": round(t, 4), "min_s": round(min(times[name]), 4), **shape}))
+    ratios = {
+        "composed_iterative_over_anchor": (median["anchor"] / median["composed_iterative"], 0.6),
+        "composed_encoder_over_anchor": (median["anchor"] / median["composed_encoder"], None),
+    }
+    if "composed_iterative_nocache" in median:
+        gain = median["composed_iterative_nocache"] / median["composed_iterative"]
+        ratios.update(cache_speedup=(gain, 10.0), cache_speedup_growing=(0.625 * gain, 10.0))
+    for name, (value, target) in ratios.items():
+        line = {"bench": "decode", "ratio": name, "value": round(value, 3), **shape}
+        if target is not None:
+            line.update(target=target, met=bool(value >= target))
+        print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
