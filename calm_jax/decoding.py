@@ -197,7 +197,8 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
-def resolve_stop_ids(stop: Sequence[str | int], vocab_size: int, tokenizer=None, stop_at_eos: bool = True) -> list[int]:
+def resolve_stop_ids(stop: Sequence[str | int], vocab_size: int, tokenizer=None,
+                     stop_at_eos: bool = True) -> list[int]:
     """Stop tokens as ids: ints are checked against the vocabulary size; strings must be one
     token of the tokenizer's vocabulary. Adds the tokenizer's EOS when `stop_at_eos`."""
     ids = []
@@ -219,7 +220,8 @@ def resolve_stop_ids(stop: Sequence[str | int], vocab_size: int, tokenizer=None,
                 raise GenerationError(f"stop token {s!r} is not a token of the vocabulary "
                                       f"(it encodes to {len(enc)} tokens: {enc[:8]})")
             if ids[-1] >= vocab_size:
-                raise GenerationError(f"stop token {s!r} has id {ids[-1]}, beyond the model's vocabulary of {vocab_size}")
+                raise GenerationError(f"stop token {s!r} has id {ids[-1]}, beyond the model's vocabulary "
+                                      f"of {vocab_size}")
         else:
             raise GenerationError(f"stop token {s!r} must be a token string or an int id")
     if stop_at_eos and tokenizer is not None and tokenizer.eos_token_id is not None:
