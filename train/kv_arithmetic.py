@@ -1,0 +1,389 @@
+"""Key-value arithmetic (paper §4.1, Table 1) end to end; what `make demo` runs.
+
+    python -m train.kv_arithmetic [--preset default|paper|tiny] [--out runs/kv_arithmetic] [--fresh]
+
+Stages, each with a progress bar and its time:
+  data   D_KV, the three datasets, D_C (calm_jax.kv_task), written as JSONL under OUT/data/
+  m_A    a small Llama-style LM trained on KV-Substitution over all keys   -> OUT/m_A (HF format)
+  m_B    a larger one trained on Numeric-Arithmetic only (never sees keys) -> OUT/m_B (HF format)
+  calm   Θ_C trained on D_C (held-in keys only), both models frozen        -> OUT/calm
+  eval   jitted greedy generation (iterative decoding) of m_A, m_B and CALM on KV-Substitution,
+         Numeric-Arithmetic, KV-Arithmetic (all keys) and KV-Arithmetic (held-out keys only)
+The base models and the composition are trained with the same machinery as `train.compose`
+(calm_jax.trainer: one jitted step, AdamW, orbax checkpoints): plain LM training is the
+case where every weight is trainable. Trained base models are kept; a rerun skips them
+(and resumes an interrupted run). Results: OUT/table1.json, table1.md, table1.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+PAPER_TABLE1 = {  # accuracy %, paper Table 1
+    "m_A": {"kv_substitution": 98.1, "numeric_arithmetic": 4.2, "kv_arithmetic": 0.7},
+    "m_B": {"kv_substitution": 0.0, "numeric_arithmetic": 73.7, "kv_arithmetic": 0.0},
+    "calm": {"kv_substitution": 92.9, "numeric_arithmetic": 72.0, "kv_arithmetic": 84.3},
+}
+MODELS = ("m_A", "m_B", "calm")
+EVAL_TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "kv_arithmetic_heldout")
+TASK_NAMES = {"kv_substitution": "KV-Substitution", "numeric_arithmetic": "Numeric-Arithmetic",
+              "kv_arithmetic": "KV-Arithmetic (all keys)", "kv_arithmetic_heldout": "KV-Arithmetic (held-out keys)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """A decoder trained from scratch here: Llama-style (RoPE) or GPT-2-style (learned positions)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    mlp: int
+    family: str = "llama"
+
+    def config(self, vocab_size: int, max_positions: int):
+        from calm_jax.config import ModelConfig
+        common = dict(vocab_size=vocab_size, hidden_size=self.hidden, num_layers=self.layers, num_heads=self.heads,
+                      num_kv_heads=self.heads, head_dim=self.hidden // self.heads, intermediate_size=self.mlp,
+                      max_positions=max_positions)
+        if self.family == "gpt2":
+            return ModelConfig(family="gpt2", norm="layer", norm_eps=1e-5, mlp="plain", activation="gelu_new",
+                               qkv_bias=True, o_bias=True, mlp_bias=True, position="learned", tie_embeddings=True,
+                               **common)
+        return ModelConfig(family=self.family, **common)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training run: how many distinct examples it draws from, and the optimizer schedule."""
+
+    examples: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """The whole experiment's scale. See PRESETS."""
+
+    task: "object"  # calm_jax.kv_task.KVTaskConfig
+    m_A: ModelSize
+    m_B: ModelSize
+    train_A: Stage
+    train_B: Stage
+    train_C: Stage  # examples = |D_C|
+    # (m_A layer, m_B layer) pairs; None: the paper's rule (composition.default_connections).
+    connections: tuple | None
+    # Fraction of D_C given as KV-Substitution instead of KV-Arithmetic (0: arithmetic only).
+    dc_substitution: float = 0.0
+    # Composition options beyond the paper (calm_jax.composition.CompositionConfig).
+    query_norm: bool = False
+    zero_init_out: bool = False
+    gate: bool = False
+    eval_batch: int = 256
+
+
+def _presets():
+    from calm_jax.kv_task import PAPER, KVTaskConfig
+    return {
+        # Chosen so `make demo` fits 20 minutes on 2 CPU cores (see README for the deviations).
+        "default": Preset(
+            task=KVTaskConfig(n_kv=99, fixed_width=True, scratchpad=True),
+            m_A=ModelSize(hidden=64, layers=2, heads=4, mlp=256),
+            m_B=ModelSize(hidden=96, layers=4, heads=4, mlp=384),
+            train_A=Stage(examples=16_000, steps=1000, batch_size=64, lr=5e-3, warmup=100),
+            train_B=Stage(examples=16_000, steps=1750, batch_size=64, lr=3e-3, warmup=100),
+            train_C=Stage(examples=2_000, steps=600, batch_size=64, lr=3e-3, warmup=50),
+            connections=((0, 1), (1, 3)),
+        ),
+        # Plumbing only (tests): seconds, no accuracy expected.
+        "tiny": Preset(
+            task=KVTaskConfig(n_kv=40, max_key_len=3, n_eval=16, fixed_width=True, scratchpad=True),
+            m_A=ModelSize(hidden=16, layers=2, heads=2, mlp=32),
+            m_B=ModelSize(hidden=16, layers=2, heads=2, mlp=32),
+            train_A=Stage(examples=64, steps=3, batch_size=8, lr=1e-3, warmup=1),
+            train_B=Stage(examples=64, steps=3, batch_size=8, lr=1e-3, warmup=1),
+            train_C=Stage(examples=32, steps=3, batch_size=8, lr=1e-3, warmup=1),
+            connections=((1, 0), (1, 1)), eval_batch=16,
+        ),
+        # The paper's data scale, for bigger hardware; model sizes are our guess (not given).
+        "paper": Preset(
+            task=PAPER,
+            m_A=ModelSize(hidden=512, layers=8, heads=8, mlp=1408),
+            m_B=ModelSize(hidden=1024, layers=16, heads=16, mlp=2816),
+            train_A=Stage(examples=2_000_000, steps=50_000, batch_size=256, lr=1e-3, warmup=1000),
+            train_B=Stage(examples=2_000_000, steps=50_000, batch_size=256, lr=1e-3, warmup=1000),
+            train_C=Stage(examples=200_000, steps=20_000, batch_size=256, lr=1e-3, warmup=500),
+            connections=None,
+        ),
+    }
+
+
+class Timer:
+    """Per-stage wall time, printed as each stage ends."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                print(f"== {name}", flush=True)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = round(time.perf_counter() - self.start, 1)
+                if exc[0] is None:
+                    print(f"== {name}: {timer.seconds[name]:.1f}s", flush=True)
+                return False
+
+        return _Stage()
+
+
+def _write_jsonl(path: str, records) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def build_data(preset: Preset, out: str):
+    """D_KV, the tokenizer and every JSONL file of the run. Returns (KVData, tokenizer, paths, seq_lens)."""
+    from calm_jax import data as data_lib
+    from calm_jax import kv_task
+
+    kv = kv_task.make_kv_data(preset.task)
+    tok = kv_task.make_tokenizer()
+    train_exprs = kv.train_expressions(max(preset.train_A.examples, preset.train_B.examples))
+    dc_exprs = kv.train_expressions(preset.train_C.examples, held_in_only=True)
+    n_sub = round(preset.dc_substitution * len(dc_exprs))
+    files = {
+        "m_A": kv.records(train_exprs[:preset.train_A.examples], "kv_substitution"),
+        "m_B": kv.records(train_exprs[:preset.train_B.examples], "numeric_arithmetic"),
+        "calm": kv.records(dc_exprs[:n_sub], "kv_substitution") + kv.records(dc_exprs[n_sub:], "kv_arithmetic"),
+        "eval_kv_substitution": kv.records(kv.eval_all, "kv_substitution"),
+        "eval_numeric_arithmetic": kv.records(kv.eval_all, "numeric_arithmetic"),
+        "eval_kv_arithmetic": kv.records(kv.eval_all, "kv_arithmetic"),
+        "eval_kv_arithmetic_heldout": kv.records(kv.eval_heldout, "kv_arithmetic"),
+    }
+    paths = {}
+    for name, records in files.items():
+        paths[name] = os.path.join(out, "data", f"{name}.jsonl")
+        _write_jsonl(paths[name], records)
+    # Per training file: the longest example, rounded up to a multiple of 8.
+    seq_lens = {name: -(-max(len(data_lib.encode(tok, r, append_eos=True)[0]) for r in files[name]) // 8) * 8
+                for name in ("m_A", "m_B", "calm")}
+    return kv, tok, paths, seq_lens
+
+
+def train_base(name: str, size: ModelSize, stage: Stage, seq_len: int, tok, data_path: str, out: str, seed: int,
+               max_positions: int):
+    """Trains a plain LM (every weight trainable) with calm_jax.trainer; saves it as OUT/name (HF).
+
+    Kept across runs: an existing OUT/name is loaded instead of retrained.
+    """
+    import jax
+
+    from calm_jax import data as data_lib
+    from calm_jax import trainer
+    from calm_jax.loading import Pretrained, load_pretrained, save_pretrained
+    from calm_jax.model import PlainLM, init_params
+    from calm_jax.train_step import lm_loss
+
+    final = os.path.join(out, name)
+    if os.path.isfile(os.path.join(final, "config.json")):
+        print(f"{name}: trained model found in {final}; skipping training")
+        return load_pretrained(final)
+    cfg = size.config(len(tok), max_positions)
+    tcfg = trainer.TrainConfig(steps=stage.steps, batch_size=stage.batch_size, seq_len=seq_len, lr=stage.lr,
+                               warmup=stage.warmup, end_lr_ratio=0.05, seed=seed, eval_every=0, save_every=0, keep=1)
+    dataset = data_lib.load_dataset(data_path, tok, seq_len)
+    print(f"{name}: {size.family}, {size.layers} layers, hidden {size.hidden}, "
+          f"{sum(x.size for x in jax.tree.leaves(init_params(cfg, jax.random.key(seed)))):,} parameters; "
+          f"{len(dataset)} examples, {stage.steps} steps of {stage.batch_size}")
+    result = trainer.train(os.path.join(out, "runs", name), tcfg, lm_loss(PlainLM(cfg).apply),
+                           init_params(cfg, jax.random.key(seed)), {}, dataset, resume=True)
+    save_pretrained(Pretrained(cfg, jax.device_get(result.trainable), tok), final)
+    return load_pretrained(final)
+
+
+def composition_config(preset: Preset, m_A, m_B, **options):
+    from calm_jax import composition
+    options = {"query_norm": preset.query_norm, "zero_init_out": preset.zero_init_out, "gate": preset.gate,
+               **options}
+    return composition.CompositionConfig(anchor=m_B.config, augments=(m_A.config,),
+                                         connections=(preset.connections,), **options)
+
+
+def train_composition(run_dir: str, ccfg, stage: Stage, seq_len: int, tok, data_path: str, m_A, m_B, seed: int):
+    """Trains Θ_C on D_C with both models frozen (the same trainer as `train.compose`). Returns Θ_C."""
+    import jax
+
+    from calm_jax import checkpoint, composition, trainer
+    from calm_jax import data as data_lib
+    from calm_jax.train_step import join_composition, lm_loss
+
+    theta = composition.init_theta(ccfg, jax.random.key(seed))
+    print(composition.describe(ccfg, theta))
+    tcfg = trainer.TrainConfig(steps=stage.steps, batch_size=stage.batch_size, seq_len=seq_len, lr=stage.lr,
+                               warmup=stage.warmup, end_lr_ratio=0.05, seed=seed, eval_every=0, save_every=0, keep=1)
+    dataset = data_lib.load_dataset(data_path, tok, seq_len)
+    print(f"D_C: {len(dataset)} examples, {stage.steps} steps of {stage.batch_size}")
+    checkpoint.save_composition_config(run_dir, ccfg)
+    frozen = {"anchor": m_B.params, "augments": (m_A.params,)}
+    result = trainer.train(run_dir, tcfg, lm_loss(composition.ComposedLM(ccfg).apply, join_composition), theta,
+                           frozen, dataset, bases=checkpoint.composition_bases(m_B, [m_A]), resume=True)
+    return result.trainable
+
+
+def evaluate(label: str, model, params, tok, eval_sets: dict, batch_size: int, out: str, bar) -> dict:
+    """Greedy generation (jitted, cached; iterative for a composition) -> exact match per task."""
+    from calm_jax import decoding, metrics
+
+    longest = max(len(tok(r["target"], add_special_tokens=False)["input_ids"])
+                  for recs in eval_sets.values() for r in recs)
+    scores = {}
+    for task, records in eval_sets.items():
+        gens = decoding.generate(model, params, [r["prompt"] for r in records], tokenizer=tok,
+                                 max_new_tokens=longest + 1, batch_size=min(batch_size, len(records)))
+        correct = [metrics.exact_match(g.text, r["target"]) for g, r in zip(gens, records)]
+        scores[task] = sum(correct) / len(correct)
+        _write_jsonl(os.path.join(out, "predictions", f"{label}-{task}.jsonl"),
+                     [{**r, "prediction": g.text, "correct": c} for r, g, c in zip(records, gens, correct)])
+        bar.update(1)
+        bar.set_postfix_str(f"{label} {task}: {100 * scores[task]:.1f}%")
+    return scores
+
+
+def table_markdown(results: dict) -> str:
+    """Table 1 with the paper's numbers beside ours (accuracy %)."""
+    head = "| task | " + " | ".join(f"{m} paper | {m} ours" for m in ("m_A", "m_B", "CALM")) + " |"
+    lines = [head, "|---|" + "---:|" * 6]
+    for task in EVAL_TASKS:
+        paper_task = "kv_arithmetic" if task == "kv_arithmetic_heldout" else task
+        cells = []
+        for model in MODELS:
+            ours = results[model].get(task)
+            cells += [f"{PAPER_TABLE1[model][paper_task]:.1f}", "" if ours is None else f"{100 * ours:.1f}"]
+        lines.append(f"| {TASK_NAMES[task]} | " + " | ".join(cells) + " |")
+    note = ("\nThe paper reports one KV-Arithmetic figure, on expressions not in D_C (\"generalisation to keys "
+            "outside the 20%\"); it is shown beside both of our KV-Arithmetic rows. Ours: exact match of greedy "
+            "generation; `held-out keys` = expressions made only of keys that never occur in D_C.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def plot_table(results: dict, path: str, title: str) -> None:
+    """Grouped bars: our accuracy per task and model; the paper's as black ticks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(EVAL_TASKS))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for k, model in enumerate(MODELS):
+        ours = [100 * results[model].get(t, 0.0) for t in EVAL_TASKS]
+        paper = [PAPER_TABLE1[model]["kv_arithmetic" if t == "kv_arithmetic_heldout" else t] for t in EVAL_TASKS]
+        bars = ax.bar(x + (k - 1) * width, ours, width, label=f"{model} (ours)")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.scatter(x + (k - 1) * width, paper, marker="_", s=250, color="black", zorder=3,
+                   label="paper" if k == 0 else None)
+    ax.set_xticks(x, [TASK_NAMES[t].replace(" (", "\n(") for t in EVAL_TASKS], fontsize=8)
+    ax.set_ylabel("exact match (%)")
+    ax.set_ylim(0, 109)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, ncol=4, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def describe_config(preset: Preset, kv, seq_lens: dict) -> dict:
+    return {"task": dataclasses.asdict(preset.task), "held_in_keys": len(kv.held_in),
+            "held_out_keys": len(kv.held_out),
+            **{k: dataclasses.asdict(getattr(preset, k)) for k in ("m_A", "m_B", "train_A", "train_B", "train_C")},
+            "connections": [list(p) for p in preset.connections] if preset.connections else "paper default",
+            "dc_substitution": preset.dc_substitution, "seq_lens": seq_lens,
+            **{k: getattr(preset, k) for k in ("query_norm", "zero_init_out", "gate")}}
+
+
+def run(preset_name: str, out: str, fresh: bool = False) -> dict:
+    """The whole experiment; returns the table1.json content."""
+    start = time.perf_counter()
+    if fresh and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    preset = _presets()[preset_name]
+    timer = Timer()
+
+    with timer.stage("data"):
+        kv, tok, paths, seq_lens = build_data(preset, out)
+        print(f"D_KV: {len(kv.keys)} keys ({len(kv.held_in)} held-in for D_C, {len(kv.held_out)} held-out); "
+              f"eval: {len(kv.eval_all)} expressions over all keys, {len(kv.eval_heldout)} over held-out keys; "
+              f"sequence lengths {seq_lens}")
+    with timer.stage("m_A"):
+        m_A = train_base("m_A", preset.m_A, preset.train_A, seq_lens["m_A"], tok, paths["m_A"], out, seed=1,
+                         max_positions=4 * max(seq_lens.values()))
+    with timer.stage("m_B"):
+        m_B = train_base("m_B", preset.m_B, preset.train_B, seq_lens["m_B"], tok, paths["m_B"], out, seed=2,
+                         max_positions=4 * max(seq_lens.values()))
+    with timer.stage("calm"):
+        ccfg = composition_config(preset, m_A, m_B)
+        theta = train_composition(os.path.join(out, "calm"), ccfg, preset.train_C, seq_lens["calm"], tok, paths["calm"],
+                                  m_A, m_B, seed=3)
+
+    from tqdm.auto import tqdm
+
+    from calm_jax.composition import ComposedLM
+    from calm_jax.data import read_jsonl
+    from calm_jax.model import PlainLM
+
+    eval_sets = {t: read_jsonl(paths[f"eval_{t}"]) for t in EVAL_TASKS}
+    results = {}
+    with timer.stage("eval"):
+        with tqdm(total=len(MODELS) * len(EVAL_TASKS), desc="eval", unit="set", dynamic_ncols=True) as bar:
+            results["m_A"] = evaluate("m_A", PlainLM(m_A.config), m_A.params, tok, eval_sets, preset.eval_batch,
+                                      out, bar)
+            results["m_B"] = evaluate("m_B", PlainLM(m_B.config), m_B.params, tok, eval_sets, preset.eval_batch,
+                                      out, bar)
+            params = {"theta": theta, "anchor": m_B.params, "augments": (m_A.params,)}
+            results["calm"] = evaluate("calm", ComposedLM(ccfg), params, tok, eval_sets, preset.eval_batch, out, bar)
+    timer.seconds["total"] = round(time.perf_counter() - start, 1)
+    table = {**results, "config": {"preset": preset_name, **describe_config(preset, kv, seq_lens)},
+             "seconds": timer.seconds}
+    with open(os.path.join(out, "table1.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    md = table_markdown(results)
+    with open(os.path.join(out, "table1.md"), "w") as f:
+        f.write(f"# Table 1: key-value arithmetic (preset `{preset_name}`)\n\n" + md
+                + f"\nStage seconds: {json.dumps(timer.seconds)}\n")
+    plot_table(results, os.path.join(out, "table1.png"),
+               f"Key-value arithmetic, preset {preset_name}: N_KV={preset.task.n_kv}, "
+               f"{len(kv.held_in)} held-in keys; total {timer.seconds['total']:.0f}s")
+    print(md)
+    print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
+    return table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.kv_arithmetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="default", choices=("default", "paper", "tiny"))
+    parser.add_argument("--out", default=os.path.join("runs", "kv_arithmetic"), metavar="DIR")
+    parser.add_argument("--fresh", action="store_true", help="delete DIR first (retrain everything)")
+    args = parser.parse_args(argv)
+    run(args.preset, args.out, args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
