@@ -23,7 +23,6 @@ Parameters of one connection (a plain dict, the leaves of Θ_C):
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from calm_jax.model import RMSNorm, multihead_attention

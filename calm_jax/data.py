@@ -20,7 +20,11 @@ class DataError(ValueError):
     """A data file or record that cannot be used."""
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, require: tuple[str, ...] | None = None) -> list[dict]:
+    """The records of a JSONL file; other fields are kept.
+
+    require: string fields every record must have (default: "prompt" and "target", or "text").
+    """
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     records = []
@@ -32,8 +36,14 @@ def read_jsonl(path: str) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict) or not ({"prompt", "target"} <= rec.keys() or "text" in rec):
-                raise DataError(f'{path}:{n}: expected {{"prompt", "target"}} or {{"text"}}, found {rec!r:.80}')
+            if require is None:
+                ok = isinstance(rec, dict) and ({"prompt", "target"} <= rec.keys() or "text" in rec)
+                want = '{"prompt", "target"} or {"text"}'
+            else:
+                ok = isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in require)
+                want = f"a JSON object with string field(s) {', '.join(require)}"
+            if not ok:
+                raise DataError(f"{path}:{n}: expected {want}, found {line.strip()[:80]}")
             records.append(rec)
     if not records:
         raise DataError(f"{path} has no records")

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ from calm_jax import checkpoint
 from calm_jax import composition as comp
 from calm_jax import decoding
 from calm_jax.config import ConfigError
-from calm_jax.data import DataError
+from calm_jax.data import DataError, read_jsonl
 from calm_jax.loading import CheckpointError, load_pretrained
 from calm_jax.model import PlainLM
 
@@ -115,25 +116,25 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 def read_prompts(path: str, need_target: bool = False) -> list[dict]:
     """JSONL records with a "prompt" (and a "target" if `need_target`); other fields are kept."""
-    if not os.path.isfile(path):
-        raise DataError(f"prompt file not found: {path}")
-    need = ("prompt", "target") if need_target else ("prompt",)
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in need):
-                raise DataError(f"{path}:{n}: expected a JSON object with string field(s) {', '.join(need)}, "
-                                f"found {line.strip()[:80]}")
-            records.append(rec)
-    if not records:
-        raise DataError(f"{path} has no records")
-    return records
+    return read_jsonl(path, require=("prompt", "target") if need_target else ("prompt",))
+
+
+def generate_for(args, path: str, need_target: bool = False):
+    """Builds the model from flags, reads the prompts and generates: (loaded, records, gens, seconds).
+
+    Bad input exits with a one-line error.
+    """
+    try:
+        loaded = build_model(args)
+        records = read_prompts(path, need_target)
+        if loaded.tokenizer is None:
+            raise SystemExit("the model directory has no tokenizer files: text prompts cannot be encoded")
+        start = time.perf_counter()
+        gens = decoding.generate(loaded.model, loaded.params, [r["prompt"] for r in records],
+                                 tokenizer=loaded.tokenizer, **generation_kwargs(args))
+        return loaded, records, gens, time.perf_counter() - start
+    except USER_ERRORS as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def write_jsonl(path: str, records) -> None:

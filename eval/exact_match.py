@@ -19,9 +19,8 @@ import json
 import os
 import re
 import sys
-import time
 
-from calm_jax import decoding, metrics
+from calm_jax import metrics
 from eval import common
 
 
@@ -57,17 +56,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(extra) - set(metrics.METRICS))
     if unknown:
         raise SystemExit(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(metrics.METRICS)}")
-    try:
-        loaded = common.build_model(args)
-        records = common.read_prompts(args.data, need_target=True)
-        if loaded.tokenizer is None:
-            raise SystemExit("the model directory has no tokenizer files: text prompts cannot be encoded")
-        start = time.perf_counter()
-        gens = decoding.generate(loaded.model, loaded.params, [r["prompt"] for r in records],
-                                 tokenizer=loaded.tokenizer, **common.generation_kwargs(args))
-        seconds = time.perf_counter() - start
-    except common.USER_ERRORS as e:
-        raise SystemExit(f"error: {e}") from e
+    loaded, records, gens, seconds = common.generate_for(args, args.data, need_target=True)
 
     preds = [g.text for g in gens]
     targets = [r["target"] for r in records]

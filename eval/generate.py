@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from calm_jax import decoding
 from eval import common
 
 
@@ -26,17 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", required=True, metavar="FILE.jsonl")
     parser.add_argument("--out", required=True, metavar="FILE.jsonl")
     args = parser.parse_args(argv)
-    try:
-        loaded = common.build_model(args)
-        records = common.read_prompts(args.prompts)
-        if loaded.tokenizer is None:
-            raise SystemExit("the model directory has no tokenizer files: text prompts cannot be encoded")
-        start = time.perf_counter()
-        gens = decoding.generate(loaded.model, loaded.params, [r["prompt"] for r in records],
-                                 tokenizer=loaded.tokenizer, **common.generation_kwargs(args))
-        seconds = time.perf_counter() - start
-    except common.USER_ERRORS as e:
-        raise SystemExit(f"error: {e}") from e
+    loaded, records, gens, seconds = common.generate_for(args, args.prompts, need_target=False)
     common.write_jsonl(args.out, [{**r, "generation": g.text, "tokens": g.tokens, "num_generated": g.num_generated,
                                    "stopped": g.stopped} for r, g in zip(records, gens)])
     total = sum(g.num_generated for g in gens)

@@ -1,6 +1,5 @@
 """Tiny random Hugging Face models, built locally with transformers + torch."""
 
-import os
 
 import torch
 import transformers

@@ -14,7 +14,7 @@ from calm_jax.config import ModelConfig
 from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, CompositionError, check_vocabularies,
                                   composed_forward, default_connections, describe, init_composed_cache, init_theta,
                                   param_count)
-from calm_jax.cross_attention import GATE_INIT, CrossAttention
+from calm_jax.cross_attention import GATE_INIT
 from calm_jax.model import forward, init_params, param_shapes
 
 V = 64
