@@ -95,7 +95,7 @@ def _presets():
     return {
         # Chosen so `make demo` fits 20 minutes on 2 CPU cores (see README for the deviations).
         "default": Preset(
-            task=KVTaskConfig(n_kv=99, fixed_width=True, scratchpad=True),
+            task=KVTaskConfig(n_kv=99, fixed_width=True),
             m_A=ModelSize(hidden=64, layers=2, heads=4, mlp=256),
             m_B=ModelSize(hidden=96, layers=4, heads=4, mlp=384),
             train_A=Stage(examples=16_000, steps=1000, batch_size=64, lr=5e-3, warmup=100),
