@@ -161,7 +161,7 @@ def read_bases(run_dir: str) -> dict:
 # --- compositions ---------------------------------------------------------------------
 
 _COMPOSITION_FILE = "composition.json"
-_COMPOSITION_FIELDS = ("num_heads", "query_norm", "zero_init_out", "gate", "dtype")
+_COMPOSITION_FIELDS = ("num_heads", "query_norm", "zero_init_out", "gate", "cross_rope", "dtype")
 
 
 def composition_bases(anchor, augments) -> dict:
@@ -220,7 +220,7 @@ def load_composition(run_dir: str, anchor, augments, step: int | None = None):
     cfgs = [m if isinstance(m, ModelConfig) else m.config for m in models]
     ccfg = comp.CompositionConfig(anchor=cfgs[0], augments=tuple(cfgs[1:]),
                                   connections=tuple(tuple(map(tuple, p)) for p in record["connections"]),
-                                  **{k: record[k] for k in _COMPOSITION_FIELDS})
+                                  **{k: record[k] for k in _COMPOSITION_FIELDS if k in record})
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     theta_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                 jax.eval_shape(lambda: comp.init_theta(ccfg, jax.random.key(0))))

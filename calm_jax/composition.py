@@ -103,6 +103,9 @@ class CompositionConfig:
       query_norm: RMSNorm on the anchor state before W^Q.
       zero_init_out: W^O starts at zero, so the initial composition equals the anchor.
       gate: output scaled by tanh(g), one learned scalar g per connection, g = 1 at init.
+      cross_rope: RoPE on the cross-attention's q and k at the tokens' positions (base: the
+        anchor's rope_theta), so a connection can address the augmenting state at a given
+        distance, e.g. at its own position (calm_jax.cross_attention). No new parameters.
     dtype: compute and storage dtype of Θ_C and of the cross-attention cache.
     """
 
@@ -113,6 +116,7 @@ class CompositionConfig:
     query_norm: bool = False
     zero_init_out: bool = False
     gate: bool = False
+    cross_rope: bool = False
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -159,8 +163,9 @@ class CompositionConfig:
 
     def cross_attention(self, k: int) -> CrossAttention:
         """The linen module of augmenting model k's connections (one shape for all of them)."""
+        rope_theta = (self.anchor.rope_theta if self.anchor.position == "rope" else 10000.0) if self.cross_rope else None
         return CrossAttention(self.anchor.hidden_size, self.num_heads, self.head_dim, self.query_norm,
-                              self.zero_init_out, self.gate, self.dtype, self.dtype, parent=None)
+                              self.zero_init_out, self.gate, self.dtype, self.dtype, rope_theta, parent=None)
 
 
 def check_vocabularies(anchor_tokenizer, augment_tokenizers: Sequence) -> None:
@@ -192,8 +197,8 @@ def init_theta(ccfg: CompositionConfig, rng: jax.Array) -> dict:
         h_a = jnp.zeros((1, 1, aug.hidden_size), ccfg.dtype)
         h_b = jnp.zeros((1, 1, ccfg.anchor.hidden_size), ccfg.dtype)
         theta[f"augment_{k}"] = {
-            f"conn_{c}": module.init(jax.random.fold_in(rng, 1000 * k + c), h_a, h_b, jnp.ones((1, 1, 1), bool))[
-                "params"]
+            f"conn_{c}": module.init(jax.random.fold_in(rng, 1000 * k + c), h_a, h_b, jnp.ones((1, 1, 1), bool),
+                                     jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32))["params"]
             for c in range(len(pairs))}
     return theta
 
@@ -211,7 +216,7 @@ def describe(ccfg: CompositionConfig, theta) -> str:
     for k, (aug, pairs) in enumerate(zip(ccfg.augments, ccfg.connections)):
         lines.append(f"augment {k}: {aug.family}, {aug.num_layers} layers, hidden {aug.hidden_size}")
         lines += [f"  augment {k}: layer {i} -> anchor layer {j}" for i, j in pairs]
-    options = [name for name in ("query_norm", "zero_init_out", "gate") if getattr(ccfg, name)]
+    options = [name for name in ("query_norm", "zero_init_out", "gate", "cross_rope") if getattr(ccfg, name)]
     lines.append(f"options: {', '.join(options) or 'none (as in the paper)'}")
     lines.append(f"Θ_C parameters: {param_count(theta):,}")
     return "\n".join(lines)
@@ -291,15 +296,23 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
     t = tokens_BxT.shape[1]
     run_augments = cache is None or not (encoder_mode and cache.augments_done)
     q_slot_T = jnp.arange(t) if cache is None else cache.anchor.index + jnp.arange(t)
+
+    def positions(mask, model_cache):  # as `forward` computes them; given to it explicitly
+        return masks.positions_from_mask(mask, None if model_cache is None else
+                                         model_cache.valid_BxS.sum(-1).astype(jnp.int32))
+
+    anchor_pos_BxT = positions(mask_BxT, None if cache is None else cache.anchor)
     new_aug_caches, new_k, new_v, terms = [], [], [], {}
     for m, (aug, pairs) in enumerate(zip(ccfg.augments, ccfg.connections)):
         module = ccfg.cross_attention(m)
         conn_params = [theta[f"augment_{m}"][f"conn_{c}"] for c in range(len(pairs))]
         if run_augments:
-            out = forward(aug, frozen_augments[m], tokens_BxT, aug_mask_BxT,
+            aug_pos_BxT = positions(aug_mask_BxT, None if cache is None else cache.augments[m])
+            out = forward(aug, frozen_augments[m], tokens_BxT, aug_mask_BxT, aug_pos_BxT,
                           cache=None if cache is None else cache.augments[m],
                           taps=_augment_layers(pairs), logits=False)
-            kv = [module.apply({"params": p}, jax.lax.stop_gradient(out.taps[i]), method=CrossAttention.keys_values)
+            kv = [module.apply({"params": p}, jax.lax.stop_gradient(out.taps[i]), aug_pos_BxT,
+                               method=CrossAttention.keys_values)
                   for p, (i, _) in zip(conn_params, pairs)]
             aug_cache = out.cache
         else:
@@ -323,12 +336,13 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
 
     def hook(j):
         def add_cross(h_BxTxD):
-            return h_BxTxD + sum(module.apply({"params": p}, h_BxTxD, k, v, mask, method=CrossAttention.attend)
+            return h_BxTxD + sum(module.apply({"params": p}, h_BxTxD, k, v, mask, anchor_pos_BxT,
+                                              method=CrossAttention.attend)
                                  for module, p, k, v, mask in terms[j])
         return add_cross
 
-    out = forward(ccfg.anchor, frozen_anchor, tokens_BxT, mask_BxT, cache=None if cache is None else cache.anchor,
-                  hooks={j: hook(j) for j in terms})
+    out = forward(ccfg.anchor, frozen_anchor, tokens_BxT, mask_BxT, anchor_pos_BxT,
+                  cache=None if cache is None else cache.anchor, hooks={j: hook(j) for j in terms})
     new_cache = None
     if cache is not None:
         new_cache = ComposedCache(anchor=out.cache, augments=tuple(new_aug_caches), cross_k=tuple(new_k),

@@ -18,6 +18,13 @@ Parameters of one connection (a plain dict, the leaves of Θ_C):
   query_norm: {scale: D_B}               only with `query_norm` (RMSNorm on H_B,j before W^Q)
   gate:       scalar g, output scaled by tanh(g); only with `gate`; g starts at
               GATE_INIT, so tanh(g) = 0.76 and the gate is not a no-op at init.
+
+With `rope_theta` set (the `cross_rope` option, not in the paper), q and k are rotated by
+RoPE at their tokens' positions, as in self-attention, so the scores can depend on the
+distance between the anchor token and the augmenting token. Both models read the same
+tokens, so "the augmenting state at my own position" is then easy to address; without
+it, a model whose residual stream carries no absolute position (RoPE models) can only
+address augmenting states by content. No new parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from calm_jax.model import RMSNorm, multihead_attention
+from calm_jax.model import RMSNorm, apply_rope, default_inv_freq, multihead_attention, rope_tables
 
 GATE_INIT = 1.0
 QUERY_NORM_EPS = 1e-6
@@ -40,6 +47,7 @@ class CrossAttention(nn.Module):
     use_gate: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    rope_theta: float | None = None  # None: no positions in the cross-attention (the paper)
 
     def setup(self):
         def dense(features, bias=False, init=nn.initializers.lecun_normal()):
@@ -56,21 +64,31 @@ class CrossAttention(nn.Module):
         if self.use_gate:
             self.gate = self.param("gate", nn.initializers.constant(GATE_INIT), (), self.param_dtype)
 
-    def keys_values(self, h_BxSxE):
-        """Augmenting layer output h_BxSxE (E = D_A) -> (k_BxSxHxK, v_BxSxHxK) of f_proj(h)."""
+    def _rotate(self, x_BxTxHxK, pos_BxT):
+        if self.rope_theta is None:
+            return x_BxTxHxK
+        if pos_BxT is None:
+            raise ValueError("cross-attention with RoPE needs the tokens' positions")
+        return apply_rope(x_BxTxHxK, *rope_tables(pos_BxT, default_inv_freq(self.head_dim, self.rope_theta)))
+
+    def keys_values(self, h_BxSxE, pos_BxS=None):
+        """Augmenting layer output h_BxSxE (E = D_A) -> (k_BxSxHxK, v_BxSxHxK) of f_proj(h).
+
+        pos_BxS: the tokens' positions (used with RoPE only).
+        """
         b, s, _ = h_BxSxE.shape
         p_BxSxD = self.proj(h_BxSxE.astype(self.dtype))
-        k_BxSxHxK = self.k(p_BxSxD).reshape(b, s, self.num_heads, self.head_dim)
+        k_BxSxHxK = self._rotate(self.k(p_BxSxD).reshape(b, s, self.num_heads, self.head_dim), pos_BxS)
         v_BxSxHxK = self.v(p_BxSxD).reshape(b, s, self.num_heads, self.head_dim)
         return k_BxSxHxK, v_BxSxHxK
 
-    def attend(self, h_BxTxD, k_BxSxHxK, v_BxSxHxK, mask_BxTxS):
+    def attend(self, h_BxTxD, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, pos_BxT=None):
         """The term added to the anchor stream h_BxTxD. Rows with no allowed key give exactly 0."""
         b, t, _ = h_BxTxD.shape
         x_BxTxD = h_BxTxD.astype(self.dtype)
         if self.use_query_norm:
             x_BxTxD = self.query_norm(x_BxTxD)
-        q_BxTxHxK = self.q(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
+        q_BxTxHxK = self._rotate(self.q(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim), pos_BxT)
         out_BxTxHxK = multihead_attention(q_BxTxHxK, k_BxSxHxK.astype(self.dtype), v_BxSxHxK.astype(self.dtype),
                                           mask_BxTxS, self.head_dim ** -0.5)
         out_BxTxD = self.o(out_BxTxHxK.reshape(b, t, -1))
@@ -80,6 +98,6 @@ class CrossAttention(nn.Module):
         has_key_BxT = jnp.any(mask_BxTxS, axis=-1)
         return jnp.where(has_key_BxT[..., None], out_BxTxD, 0).astype(h_BxTxD.dtype)
 
-    def __call__(self, h_BxSxE, h_BxTxD, mask_BxTxS):
+    def __call__(self, h_BxSxE, h_BxTxD, mask_BxTxS, pos_BxS=None, pos_BxT=None):
         """Both halves in one call; used to create the parameters."""
-        return self.attend(h_BxTxD, *self.keys_values(h_BxSxE), mask_BxTxS)
+        return self.attend(h_BxTxD, *self.keys_values(h_BxSxE, pos_BxS), mask_BxTxS, pos_BxT)

@@ -83,10 +83,14 @@ def multihead_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: floa
     return out_BxTxGxRxK.reshape(b, t, h, kd)
 
 
+def default_inv_freq(dim: int, theta: float) -> np.ndarray:
+    """theta^(-2i/dim) for i < dim/2, in fp32 as transformers computes it."""
+    return 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+
+
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies (head_dim/2,), computed as transformers does (fp32)."""
-    dim = cfg.head_dim
-    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    """Inverse frequencies (head_dim/2,) of the config's rope_type, computed as transformers does (fp32)."""
+    inv = default_inv_freq(cfg.head_dim, cfg.rope_theta)
     if cfg.rope_type == "linear":
         inv = inv / np.float32(cfg.rope_factor)
     elif cfg.rope_type == "llama3":
@@ -100,6 +104,13 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = np.where(medium, smoothed, scaled)
     return inv.astype(np.float32)
+
+
+def rope_tables(positions_BxT, inv_freq_K2):
+    """(cos_BxTxK, sin_BxTxK) for RoPE at integer positions (fp32)."""
+    freqs_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_K2)
+    freqs_BxTxK = jnp.concatenate([freqs_BxTxK2, freqs_BxTxK2], axis=-1)
+    return jnp.cos(freqs_BxTxK), jnp.sin(freqs_BxTxK)
 
 
 def apply_rope(x_BxTxHxK, cos_BxTxK, sin_BxTxK):
@@ -215,9 +226,7 @@ class Decoder(nn.Module):
                                          name="pos_embed")(positions_BxT)
         rope = None
         if cfg.position == "rope":
-            freqs_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
-            freqs_BxTxK = jnp.concatenate([freqs_BxTxK2, freqs_BxTxK2], axis=-1)
-            rope = (jnp.cos(freqs_BxTxK), jnp.sin(freqs_BxTxK))
+            rope = rope_tables(positions_BxT, rope_inv_freq(cfg))
 
         if cache is None:
             q_slot_T = k_slot_S = jnp.arange(t)

@@ -25,7 +25,7 @@ from calm_jax.trainer import TrainConfig  # importing jax does not start it; ini
 
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _MODEL_DEFAULTS = dict(augment=[], eval_data=None, connections=None, num_heads=None, query_norm=False,
-                       zero_init_out=False, gate=False, frozen_dtype="float32", resume=False,
+                       zero_init_out=False, gate=False, cross_rope=False, frozen_dtype="float32", resume=False,
                        coordinator=None, num_processes=None, process_id=None)
 
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-norm", action="store_true", default=None, help="RMSNorm on the query side (not in paper)")
     p.add_argument("--zero-init-out", action="store_true", default=None, help="zero-init W^O (not in paper)")
     p.add_argument("--gate", action="store_true", default=None, help="learned tanh gate (not in paper)")
+    p.add_argument("--cross-rope", action="store_true", default=None,
+                   help="RoPE on cross-attention q/k at the tokens' positions (not in paper)")
     p.add_argument("--frozen-dtype", choices=("float32", "bfloat16"), help="storage dtype of the frozen models")
     p.add_argument("--resume", action="store_true", default=None, help="continue from RUN_DIR's latest checkpoint")
     t = p.add_argument_group("training (calm_jax.trainer.TrainConfig)")
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
         ccfg = composition.CompositionConfig(
             anchor=anchor.config, augments=tuple(a.config for a in augments),
             connections=parse_connections(v["connections"], len(augments)), num_heads=v["num_heads"],
-            query_norm=v["query_norm"], zero_init_out=v["zero_init_out"], gate=v["gate"])
+            query_norm=v["query_norm"], zero_init_out=v["zero_init_out"], gate=v["gate"],
+            cross_rope=v["cross_rope"])
         theta = composition.init_theta(ccfg, jax.random.key(cfg.seed))
         say(composition.describe(ccfg, theta))
         say(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} device(s), {jax.process_count()} process(es)")

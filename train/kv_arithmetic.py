@@ -87,6 +87,7 @@ class Preset:
     query_norm: bool = False
     zero_init_out: bool = False
     gate: bool = False
+    cross_rope: bool = False
     eval_batch: int = 256
 
 
@@ -219,7 +220,7 @@ def train_base(name: str, size: ModelSize, stage: Stage, seq_len: int, tok, data
 def composition_config(preset: Preset, m_A, m_B, **options):
     from calm_jax import composition
     options = {"query_norm": preset.query_norm, "zero_init_out": preset.zero_init_out, "gate": preset.gate,
-               **options}
+               "cross_rope": preset.cross_rope, **options}
     return composition.CompositionConfig(anchor=m_B.config, augments=(m_A.config,),
                                          connections=(preset.connections,), **options)
 
@@ -314,7 +315,7 @@ def describe_config(preset: Preset, kv, seq_lens: dict) -> dict:
             **{k: dataclasses.asdict(getattr(preset, k)) for k in ("m_A", "m_B", "train_A", "train_B", "train_C")},
             "connections": [list(p) for p in preset.connections] if preset.connections else "paper default",
             "dc_substitution": preset.dc_substitution, "seq_lens": seq_lens,
-            **{k: getattr(preset, k) for k in ("query_norm", "zero_init_out", "gate")}}
+            **{k: getattr(preset, k) for k in ("query_norm", "zero_init_out", "gate", "cross_rope")}}
 
 
 def run(preset_name: str, out: str, fresh: bool = False) -> dict:
