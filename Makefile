@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
+# transformers warns at import that torch (a test-only dependency) is missing: not news here.
+export TRANSFORMERS_VERBOSITY := error
 
 .PHONY: demo test bench clean
 
