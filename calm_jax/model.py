@@ -221,9 +221,11 @@ class Decoder(nn.Module):
         if cfg.embed_scale:
             h_BxTxD = h_BxTxD * jnp.asarray(math.sqrt(cfg.hidden_size), h_BxTxD.dtype)
         if cfg.position == "learned":
+            # Clamped: an out-of-range lookup gives NaN, and a padding slot past the table
+            # would spread it to every real token through attention's 0 * NaN.
             h_BxTxD = h_BxTxD + nn.Embed(cfg.max_positions, cfg.hidden_size, dtype=cfg.dtype,
                                          param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.01),
-                                         name="pos_embed")(positions_BxT)
+                                         name="pos_embed")(jnp.minimum(positions_BxT, cfg.max_positions - 1))
         rope = None
         if cfg.position == "rope":
             rope = rope_tables(positions_BxT, rope_inv_freq(cfg))

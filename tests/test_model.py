@@ -229,3 +229,15 @@ def test_llama2_7b_traced_without_allocating():
     chex.assert_shape([out.taps[7], out.taps[31]], (2, 16, 4096))
     chex.assert_shape(out.cache.k, (2, 64, 32, 128))
     assert len(out.cache.k) == 32
+
+
+def test_learned_positions_past_the_table_do_not_poison_real_tokens(models):
+    # GPT-2 with a 6-slot position table, 6 real tokens then padding at positions 6 and 7:
+    # an unclamped lookup there gives NaN, which attention spreads to the whole row.
+    ours = models["gpt2"]
+    cfg = ours.config.replace(max_positions=6)
+    params = dict(ours.params, pos_embed={"embedding": ours.params["pos_embed"]["embedding"][:6]})
+    tokens, mask = np.full((1, 8), 5, np.int32), np.arange(8)[None] < 6
+    out = np.asarray(FWD(cfg, params, tokens, mask).logits_BxTxV)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[:, :6], np.asarray(FWD(cfg, params, tokens[:, :6]).logits_BxTxV), atol=1e-5)
