@@ -72,6 +72,10 @@ class TrainResult:
     mesh: Any
 
 
+# What decides the batches a resumed run sees (steps, lr and the like may change on resume).
+_SAME_ON_RESUME = ("seed", "batch_size", "grad_accum", "seq_len")
+
+
 def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, frozen: Any,
           data: data_lib.Dataset, eval_data: data_lib.Dataset | None = None,
           bases: Mapping[str, dict] | None = None, resume: bool = False, mesh=None,
@@ -117,6 +121,11 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
     if resume and latest is not None:
         state, saved = checkpoints.restore(ckpt.abstract(
             state, {"trainable": t_sh, "opt_state": o_sh, "step": rep, "rng": rep}))
+        was = saved.get("train_config", {})
+        changed = [f"{k}: trained with {was[k]!r}, given {getattr(cfg, k)!r}" for k in _SAME_ON_RESUME
+                   if k in was and was[k] != getattr(cfg, k)]
+        if changed:  # the data order and batches would silently differ from the run being resumed
+            raise CheckpointError(f"{run_dir}: cannot resume with other batch settings: " + "; ".join(changed))
         step, position = int(state["step"]), data_lib.Position(*saved["data_position"])
         if step >= cfg.steps:
             print(f"{run_dir}: already trained for {step} steps (asked for {cfg.steps})")

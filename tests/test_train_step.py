@@ -1,5 +1,6 @@
 """The train step and the data stream: Θ_C-only training, accumulation, bf16 frozen models, order."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -15,6 +16,7 @@ from calm_jax import train_step as ts
 from calm_jax import trainer
 from calm_jax.composition import ComposedLM, CompositionConfig, init_theta
 from calm_jax.config import ModelConfig
+from calm_jax.loading import CheckpointError
 from calm_jax.model import PlainLM, forward, param_shapes
 
 V = 128
@@ -262,3 +264,14 @@ def test_eval_batches_cover_the_file_once(jsonl):
     assert len(batches) == 2
     assert sum(int(b["target_BxT"].sum()) for b in batches) == int(ds.target_NxT.sum())
     assert not batches[1]["mask_BxT"][1:].any()
+
+
+def test_resume_refuses_other_batch_settings(tmp_path):
+    params = random_params(ANCHOR, 9, scale=0.02)
+    b = random_batch(seed=1)
+    ds = data_lib.Dataset("random", b["tokens_BxT"], b["mask_BxT"], b["target_BxT"])
+    cfg = trainer.TrainConfig(steps=2, batch_size=8, seq_len=12, lr=1e-3, warmup=0, mesh="data=1", progress=False)
+    trainer.train(str(tmp_path), cfg, ts.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds)
+    other = dataclasses.replace(cfg, steps=4, seed=cfg.seed + 1)
+    with pytest.raises(CheckpointError, match=r"seed: trained with 0, given 1"):
+        trainer.train(str(tmp_path), other, ts.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds, resume=True)
