@@ -153,6 +153,9 @@ class CompositionConfig:
         if heads < 1 or self.anchor.hidden_size % heads:
             raise CompositionError(f"cross-attention heads ({heads}) must divide the anchor's hidden size "
                                    f"({self.anchor.hidden_size})")
+        if self.cross_rope and (self.anchor.hidden_size // heads) % 2:
+            raise CompositionError(f"cross_rope needs an even cross-attention head size; hidden "
+                                   f"{self.anchor.hidden_size} / {heads} heads = {self.anchor.hidden_size // heads}")
         object.__setattr__(self, "augments", augments)
         object.__setattr__(self, "connections", conns)
         object.__setattr__(self, "num_heads", heads)

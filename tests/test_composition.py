@@ -448,3 +448,10 @@ def test_cross_rope_cached_equals_uncached(params, decode_batch):
     # The project's fp32 parity bar (1e-4): the rotations add rounding (seen: 3.5e-5 on these
     # large random logits); a wrong cached position would be off by order 1e-1.
     np.testing.assert_allclose(np.where(mask[..., None], cached, 0), np.where(mask[..., None], full, 0), atol=1e-4)
+
+
+def test_cross_rope_needs_an_even_head_size():
+    odd = ModelConfig(family="llama", vocab_size=V, hidden_size=12, num_layers=2, num_heads=4, num_kv_heads=4,
+                      head_dim=3, intermediate_size=16)
+    with pytest.raises(CompositionError, match="even cross-attention head size"):
+        CompositionConfig(odd, (AUG_LLAMA,), connections=(((7, 1),),), cross_rope=True)

@@ -150,6 +150,9 @@ def main(argv=None) -> int:
             connections=parse_connections(v["connections"], len(augments)), num_heads=v["num_heads"],
             query_norm=v["query_norm"], zero_init_out=v["zero_init_out"], gate=v["gate"],
             cross_rope=v["cross_rope"])
+        longest = composition.ComposedLM(ccfg).max_positions
+        if cfg.seq_len > longest:
+            raise data.DataError(f"--seq-len {cfg.seq_len} is longer than the models' position limit ({longest})")
         theta = composition.init_theta(ccfg, jax.random.key(cfg.seed))
         say(composition.describe(ccfg, theta))
         say(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} device(s), {jax.process_count()} process(es)")
