@@ -71,6 +71,15 @@ def encode(tokenizer, record: dict, append_eos: bool = False) -> tuple[list[int]
     return ids, target
 
 
+def bucket_length(n: int, minimum: int, cap: int | None = None) -> int:
+    """A padded length for an n-token sequence: the next power of two >= `minimum`, at most `cap`.
+
+    Few distinct lengths means few compilations of the jitted callers.
+    """
+    length = max(minimum, 1 << (n - 1).bit_length())
+    return length if cap is None else min(length, cap)
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], length: int, pad_id: int = 0, left: bool = False,
               flags: Iterable[Sequence[bool]] | None = None):
     """Pads token lists to `length`.

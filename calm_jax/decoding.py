@@ -192,11 +192,6 @@ def _decode(static: _Static, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, m
     return DecodeOutput(tokens_BxN=state.tokens_BxN, num_B=state.num_B, stopped_B=state.stopped_B)
 
 
-def bucket_length(n: int) -> int:
-    """Prompt buckets: powers of two from MIN_BUCKET, so few shapes ever get compiled."""
-    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
-
-
 def resolve_stop_ids(stop: Sequence[str | int], vocab_size: int, tokenizer=None,
                      stop_at_eos: bool = True) -> list[int]:
     """Stop tokens as ids: ints are checked against the vocabulary size; strings must be one
@@ -276,7 +271,8 @@ def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_t
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
         rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        tokens_BxP, mask_BxP = data_lib.pad_batch(rows, bucket_length(max(map(len, rows))), left=True)
+        length = data_lib.bucket_length(max(map(len, rows)), MIN_BUCKET)
+        tokens_BxP, mask_BxP = data_lib.pad_batch(rows, length, left=True)
         out = jax.device_get(decode(model, params, tokens_BxP, mask_BxP, stop_ids_S,
                                     jax.random.fold_in(rng, start), max_new_tokens=max_new_tokens, sampling=sampling))
         for r in range(len(chunk)):

@@ -23,7 +23,7 @@ MIN_BUCKET = 16
 
 def bucket_length(n: int, max_positions: int) -> int:
     """The padded length for an n-token sequence: the next power of two >= MIN_BUCKET, capped."""
-    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_positions)
+    return data.bucket_length(n, MIN_BUCKET, max_positions)
 
 
 @jax.jit
