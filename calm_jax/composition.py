@@ -20,6 +20,8 @@ Decoding (`ComposedLM` with a `ComposedCache`) has two modes:
     sequence with `augment_mask_BxT` = the prompt's mask (augmenting models see only the
     prompt). A static flag on the cache (`augments_done`) records that the prefill ran,
     so the prefill must be its own apply (not the first step of a decode loop).
+    `encoder_mode_loss` trains Θ_C under the same semantics (augmenting models shown the
+    prompt of each training example only).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from calm_jax import masks
 from calm_jax.config import ModelConfig
 from calm_jax.cross_attention import CrossAttention
 from calm_jax.model import KVCache, LMOutput, forward, init_cache
+from calm_jax.train_step import next_token_loss
 
 Pair = tuple[int, int]
 
@@ -351,6 +354,24 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
         new_cache = ComposedCache(anchor=out.cache, augments=tuple(new_aug_caches), cross_k=tuple(new_k),
                                   cross_v=tuple(new_v), augments_done=cache.augments_done or encoder_mode)
     return LMOutput(logits_BxTxV=out.logits_BxTxV, taps={}, cache=new_cache)
+
+
+def encoder_mode_loss(ccfg: CompositionConfig):
+    """The loss_fn (calm_jax.train_step) for training Θ_C with the augmenting models seeing only the prompt.
+
+    loss_fn(theta, frozen, batch) -> (loss_sum, n_tokens), frozen = {"anchor", "augments"}:
+    `composed_forward` with `augment_mask_BxT` = the real tokens that are not targets, so
+    training sees exactly what encoder-mode decoding (`ComposedLM(ccfg, encoder_mode=True)`)
+    computes for a prompt and its continuation. Rows with no prompt (text records) get no
+    augmenting states at all.
+    """
+    def loss_fn(theta, frozen, batch):
+        mask_BxT = batch["mask_BxT"].astype(bool)
+        prompt_BxT = mask_BxT & ~batch["target_BxT"].astype(bool)
+        out = composed_forward(ccfg, {"theta": theta, **frozen}, batch["tokens_BxT"], mask_BxT,
+                               augment_mask_BxT=prompt_BxT)
+        return next_token_loss(out.logits_BxTxV, batch["tokens_BxT"], batch["target_BxT"])
+    return loss_fn
 
 
 class ComposedLM:

@@ -13,10 +13,11 @@ import transformers
 
 from calm_jax.config import ModelConfig
 from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, CompositionError, check_vocabularies,
-                                  composed_forward, default_connections, describe, init_composed_cache, init_theta,
-                                  param_count)
+                                  composed_forward, default_connections, describe, encoder_mode_loss,
+                                  init_composed_cache, init_theta, param_count)
 from calm_jax.cross_attention import GATE_INIT
 from calm_jax.model import forward, init_params, param_shapes
+from calm_jax.train_step import next_token_loss
 
 V = 64
 ANCHOR = ModelConfig(family="llama", vocab_size=V, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -399,6 +400,20 @@ def test_encoder_mode_keeps_augmenting_states_fixed(params, decode_batch):
         chex.assert_trees_all_equal(caches[0].cross_k[m], caches[-1].cross_k[m])
         chex.assert_trees_all_equal(caches[0].cross_v[m], caches[-1].cross_v[m])
     assert int(caches[-1].anchor.index) == T
+
+
+def test_encoder_mode_loss_trains_what_encoder_decoding_computes(params, decode_batch):
+    tokens, mask, prompt_mask = decode_batch
+    batch = {"tokens_BxT": tokens, "mask_BxT": mask, "target_BxT": mask & ~prompt_mask}
+    frozen = {k: params[k] for k in ("anchor", "augments")}
+    loss_sum, n = jax.jit(encoder_mode_loss(CCFG))(params["theta"], frozen, batch)
+    # Encoder-mode decoding equals the forward with the prompt as augment mask (tested above).
+    reference = fwd(CCFG, params, tokens, mask, augment_mask_BxT=prompt_mask).logits_BxTxV
+    want_sum, want_n = next_token_loss(reference, tokens, batch["target_BxT"])
+    np.testing.assert_allclose(loss_sum, want_sum, rtol=1e-5)
+    assert n == want_n == (mask & ~prompt_mask)[:, 1:].sum()
+    iterative_sum, _ = next_token_loss(fwd(CCFG, params, tokens, mask).logits_BxTxV, tokens, batch["target_BxT"])
+    assert abs(float(iterative_sum) - float(loss_sum)) > 1e-3
 
 
 def test_composed_lm_interface():
