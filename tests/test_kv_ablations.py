@@ -1,0 +1,135 @@
+"""Ablations and held-in fraction sweep (`train.kv_ablations`) end to end at the tiny preset.
+
+Plumbing only: every row and sweep point runs and is written in the promised shape, the
+base models are shared, the sweep never evaluates on expressions the base models were
+trained on. No accuracy is asserted (the tiny models train for 3 steps).
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from calm_jax import kv_task, lora
+from calm_jax.data import read_jsonl
+from train import kv_ablations as ka
+from train import kv_arithmetic as kva
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("kv_ablations") / "run")
+    ka.run_ablations("tiny", out)
+    ka.run_sweep("tiny", out)  # reuses the base models the ablations trained
+    return out
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _body(prompt):
+    return re.sub(r"^\[[A-Z]+\]|=$", "", prompt)
+
+
+def test_ablations_json_has_every_row_and_task(out):
+    table = _load(os.path.join(out, "ablations", "ablations.json"))
+    for row in ka.ROWS:
+        assert set(table[row]) == set(kva.EVAL_TASKS), row
+        assert all(0.0 <= v <= 1.0 for v in table[row].values())
+        assert table["seconds"][row] >= 0 and table["notes"][row]
+    counts = table["trainable_params"]
+    assert set(counts) == set(ka.ROWS)
+    assert counts["m_A"] == counts["m_B"] == 0
+    theta = counts["calm"]
+    assert counts["random_m_A"] == counts["vanilla_m_A"] == counts["encoder_m_A"] == theta > 0
+    assert counts["query_norm"] > theta and counts["gate"] == theta + 2  # one gate scalar per connection
+    m_B = kva._presets()["tiny"].m_B
+    m_B_cfg = m_B.config(len(kv_task.make_tokenizer()), max_positions=64)
+    per_rank = lora.param_count(m_B_cfg, 1)
+    assert counts["lora_m_B"] % per_rank == 0 and abs(counts["lora_m_B"] - theta) <= per_rank / 2
+    assert counts["finetune_m_B"] > counts["lora_m_B"]
+    assert table["config"]["preset"] == "tiny" and table["config"]["eval_sizes"]["kv_arithmetic"] == 16
+    assert "total" in table["seconds"]
+
+
+def test_ablations_markdown_and_plot(out):
+    md = open(os.path.join(out, "ablations", "ablations.md")).read()
+    for row in ka.ROWS:
+        assert f"| {row} |" in md
+    for task in kva.EVAL_TASKS:
+        assert kva.TASK_NAMES[task] in md
+    assert "Forgetting" in md and "encoder mode" in md
+    with open(os.path.join(out, "ablations", "ablations.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_predictions_match_accuracy(out):
+    table = _load(os.path.join(out, "ablations", "ablations.json"))
+    for row in ka.ROWS:
+        for task in kva.EVAL_TASKS:
+            preds = read_jsonl(os.path.join(out, "ablations", "predictions", f"{row}-{task}.jsonl"))
+            assert len(preds) == 16
+            assert np.mean([p["correct"] for p in preds]) == pytest.approx(table[row][task])
+
+
+def test_base_models_shared_and_vanilla_m_A_uses_another_mapping(out):
+    for sub in ("ablations", "sweep"):
+        assert not os.path.exists(os.path.join(out, sub, "m_A")) and not os.path.exists(os.path.join(out, sub, "m_B"))
+    assert os.path.isfile(os.path.join(out, "ablations", "vanilla_m_A", "config.json"))
+    assert _load(os.path.join(out, "ablations", "vanilla_m_A", "config.json")) == \
+        _load(os.path.join(out, "m_A", "config.json"))
+    original = read_jsonl(os.path.join(out, "ablations", "data", "m_A.jsonl"))
+    vanilla = read_jsonl(os.path.join(out, "ablations", "data", "vanilla_m_A.jsonl"))
+    assert [r["prompt"] for r in vanilla] == [r["prompt"] for r in original]
+    assert np.mean([a["target"] != b["target"] for a, b in zip(vanilla, original)]) > 0.5
+
+
+def test_sweep_outputs(out):
+    sweep = _load(os.path.join(out, "sweep", "sweep.json"))
+    assert [p["held_in_fraction"] for p in sweep["points"]] == list(ka.SWEEP_FRACTIONS)
+    assert [p["held_in_keys"] for p in sweep["points"]] == [2, 4, 8, 20]  # of 40 keys
+    for p in sweep["points"]:
+        for task in ka.SWEEP_TASKS:
+            assert 0.0 <= p[task] <= 1.0
+            assert p["eval_sizes"][task] + p["eval_dropped"][task] == 16
+        assert p["dc_examples"] == kva._presets()["tiny"].train_C.examples
+    md = open(os.path.join(out, "sweep", "sweep.md")).read()
+    assert all(f"| {pct}% (" in md for pct in (5, 10, 20, 50))
+    with open(os.path.join(out, "sweep", "sweep.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_eval_sets_exclude_base_training_data(out):
+    preset = kva._presets()["tiny"]
+    kv = kv_task.make_kv_data(preset.task)
+    base = {kv.key_text(e) for e in kv.train_expressions(max(preset.train_A.examples, preset.train_B.examples))}
+    # The base models' training files hold exactly these expressions.
+    assert {_body(r["prompt"]) for r in read_jsonl(os.path.join(out, "sweep", "data", "m_A.jsonl"))} <= base
+    sweep = _load(os.path.join(out, "sweep", "sweep.json"))
+    for p in sweep["points"]:
+        name = ka._fraction_name(p["held_in_fraction"])
+        held_in = {kv.keys[i] for i in kv_task.make_kv_data(preset.task.replace(
+            held_in_fraction=p["held_in_fraction"])).held_in}
+        dc = {_body(r["prompt"]) for r in read_jsonl(os.path.join(out, "sweep", name, "data", "calm.jsonl"))}
+        for task in ka.SWEEP_TASKS:
+            records = read_jsonl(os.path.join(out, "sweep", name, "data", f"eval_{task}.jsonl"))
+            preds = read_jsonl(os.path.join(out, "sweep", name, "predictions", f"calm-{name}-{task}.jsonl"))
+            assert len(records) == len(preds) == p["eval_sizes"][task]
+            bodies = {_body(r["prompt"]) for r in records}
+            assert not bodies & base and not bodies & dc, (name, task)
+            if task == "kv_arithmetic_heldout":
+                assert all(not set(re.split(r"[-+*]", b)) & held_in for b in bodies)
+
+
+def test_unseen_eval_sets_drops_base_expressions():
+    kv = kv_task.make_kv_data(kva._presets()["tiny"].task.replace(held_in_fraction=0.5))
+    base = set(kv.eval_heldout[:5]) | {kv.eval_all[0]}
+    sets, dropped = ka.unseen_eval_sets(kv, base)
+    assert dropped == {"kv_arithmetic": 1, "kv_arithmetic_heldout": 5}
+    assert sets["kv_arithmetic_heldout"] == kv.records(kv.eval_heldout[5:], "kv_arithmetic")
+    with pytest.raises(ValueError, match="every kv_arithmetic_heldout evaluation expression"):
+        ka.unseen_eval_sets(kv, set(kv.eval_heldout))
