@@ -1,6 +1,7 @@
 """Key-value arithmetic (paper §4.1, Table 1) end to end; what `make demo` runs.
 
     python -m train.kv_arithmetic [--preset default|paper|tiny] [--out runs/kv_arithmetic] [--fresh]
+    python -m train.kv_arithmetic --ablations | --sweep    (train.kv_ablations: Table 5, held-in sweep)
 
 Stages, each with a progress bar and its time:
   data   D_KV, the three datasets, D_C (calm_jax.kv_task), written as JSONL under OUT/data/
@@ -381,7 +382,20 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="default", choices=("default", "paper", "tiny"))
     parser.add_argument("--out", default=os.path.join("runs", "kv_arithmetic"), metavar="DIR")
     parser.add_argument("--fresh", action="store_true", help="delete DIR first (retrain everything)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="the ablations (Table 5 analogue) into DIR/ablations instead of Table 1")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the held-in key fraction sweep into DIR/sweep instead of Table 1")
     args = parser.parse_args(argv)
+    if args.ablations or args.sweep:
+        from train import kv_ablations
+        if args.fresh and os.path.isdir(args.out):
+            shutil.rmtree(args.out)
+        if args.ablations:
+            kv_ablations.run_ablations(args.preset, args.out)
+        if args.sweep:
+            kv_ablations.run_sweep(args.preset, args.out)
+        return 0
     run(args.preset, args.out, args.fresh)
     return 0
 
