@@ -3,8 +3,8 @@
 D_KV maps N_KV unique keys (2-6 lowercase letters) to unique integers in [1, N_KV]. An
 expression joins k keys with operators; three datasets are made from the same expressions:
 
-  KV-Substitution     [SUB]ab+cde=  ->  10+22
-  KV-Arithmetic       [KVA]ab+cde=  ->  32
+  KV-Substitution     [SUB]ab+cde=  ->  10+22       (scratchpad: [NUM]10+22)
+  KV-Arithmetic       [KVA]ab+cde=  ->  32          (scratchpad: [NUM]10+22=32)
   Numeric-Arithmetic  [NUM]10+22=   ->  32
 
 The leading marker (one token) tells the task. Splits are disjoint by expression: the
@@ -43,9 +43,16 @@ class KVTaskConfig:
     # Numbers zero-padded to a fixed width, results with a sign ("07-22" -> "-015"), so that
     # every digit has a fixed place: small models learn the arithmetic far faster.
     fixed_width: bool = False
-    # KV-Arithmetic targets show the substitution first ("ab+cd=" -> "10+22=32"): the anchor
-    # reads m_A's substitution as it is generated (iterative decoding) and then computes.
+    # KV-Arithmetic targets show the substitution first ("ab+cd=" -> "[NUM]10+22=32"): the
+    # anchor reads m_A's substitution as it is generated (iterative decoding) and then
+    # computes. A written-out numeric expression then starts with the [NUM] marker, in
+    # KV-Substitution targets too, so that m_A's substitution begins as m_B's problems do.
     scratchpad: bool = False
+    # Fraction of m_B's training examples given a random-length prefix of random tokens:
+    # the unrelated context a pre-trained model has learned to read past. Letters and
+    # digits there are random, so no key is ever paired with its value. See `with_context_noise`.
+    context_noise: float = 0.0
+    max_noise_len: int = 16
 
     def __post_init__(self):
         if not set(self.operators) <= set("+-*") or not self.operators:
@@ -56,6 +63,9 @@ class KVTaskConfig:
             raise ValueError(f"terms must satisfy 1 <= min <= max, found {self.min_terms}..{self.max_terms}")
         if not 0.0 < self.held_in_fraction < 1.0:
             raise ValueError(f"held_in_fraction must be in (0, 1), found {self.held_in_fraction}")
+        if not 0.0 <= self.context_noise <= 1.0 or self.max_noise_len < 1:
+            raise ValueError(f"context_noise must be in [0, 1] and max_noise_len >= 1, found "
+                             f"{self.context_noise}, {self.max_noise_len}")
         possible = sum(26 ** n for n in range(self.min_key_len, self.max_key_len + 1))
         if self.n_kv > possible:
             raise ValueError(f"n_kv={self.n_kv} keys do not fit in {possible} strings of "
@@ -114,12 +124,13 @@ class KVData:
 
     def record(self, expr: Expr, task: str) -> dict:
         """{"prompt", "target"} for one expression in one task (see the module docstring)."""
+        written = (MARKERS["numeric_arithmetic"] if self.config.scratchpad else "") + self.numeric_text(expr)
         if task == "kv_substitution":
-            prompt, target = self.key_text(expr), self.numeric_text(expr)
+            prompt, target = self.key_text(expr), written
         elif task == "kv_arithmetic":
             prompt, target = self.key_text(expr), self.result_text(expr)
             if self.config.scratchpad:
-                target = f"{self.numeric_text(expr)}={target}"
+                target = f"{written}={target}"
         elif task == "numeric_arithmetic":
             prompt, target = self.numeric_text(expr), self.result_text(expr)
         else:
@@ -146,6 +157,28 @@ class KVData:
             seen.add(e)
             out.append(e)
         return out
+
+
+NOISE_CHARS = (*CHARS, *MARKERS.values())
+
+
+def with_context_noise(records: Sequence[dict], cfg: KVTaskConfig, seed: int) -> list[dict]:
+    """`records` with a random prefix before the prompt of a `cfg.context_noise` fraction of them.
+
+    A prefix is 1..`cfg.max_noise_len` tokens drawn uniformly and independently from
+    NOISE_CHARS (letters, digits, operators, task markers): a letter string next to digits
+    there is chance, never a key with its value.
+    Targets are unchanged. Deterministic from `seed`.
+    """
+    rng = np.random.default_rng([cfg.seed, seed])
+    out = []
+    for r in records:
+        prefix = ""
+        if rng.random() < cfg.context_noise:
+            n = int(rng.integers(1, cfg.max_noise_len + 1))
+            prefix = "".join(NOISE_CHARS[j] for j in rng.integers(0, len(NOISE_CHARS), n))
+        out.append({**r, "prompt": prefix + r["prompt"]})
+    return out
 
 
 def _join(terms: Sequence[str], ops: Sequence[str]) -> str:

@@ -41,6 +41,7 @@ class TrainConfig:
     end_lr_ratio: float = 0.1  # cosine decay ends at lr * end_lr_ratio
     weight_decay: float = 0.0
     clip: float = 1.0  # global gradient norm
+    b2: float = 0.999  # Adam's second-moment decay
     grad_accum: int = 1
     seed: int = 0  # data order (and the saved RNG)
     mesh: str = ""  # "data=4,model=2"; empty: every device on the data axis
@@ -97,7 +98,8 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
     if data.seq_len != cfg.seq_len:
         raise ValueError(f"{data.path} was tokenized to length {data.seq_len}, the config says {cfg.seq_len}")
     main = jax.process_index() == 0
-    optimizer = ts.make_optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay, cfg.clip, cfg.end_lr_ratio)
+    optimizer = ts.make_optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay, cfg.clip, cfg.end_lr_ratio,
+                                   cfg.b2)
     schedule = ts.lr_schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.end_lr_ratio)
 
     t_sh = shard_lib.param_shardings(mesh, trainable, fsdp=cfg.fsdp)

@@ -124,9 +124,34 @@ def test_fixed_width_and_scratchpad():
     a, b = kv.values.index(7), kv.values.index(22)
     expr = ((a, b), ("-",))
     k = f"{kv.keys[a]}-{kv.keys[b]}"
-    assert kv.record(expr, "kv_substitution") == {"prompt": f"[SUB]{k}=", "target": "07-22"}
+    # With the scratchpad a written-out numeric expression starts with [NUM], as m_B's prompts do.
+    assert kv.record(expr, "kv_substitution") == {"prompt": f"[SUB]{k}=", "target": "[NUM]07-22"}
     assert kv.record(expr, "numeric_arithmetic") == {"prompt": "[NUM]07-22=", "target": "-015"}
-    assert kv.record(expr, "kv_arithmetic") == {"prompt": f"[KVA]{k}=", "target": "07-22=-015"}
+    assert kv.record(expr, "kv_arithmetic") == {"prompt": f"[KVA]{k}=", "target": "[NUM]07-22=-015"}
+    plain = kv_task.make_kv_data(cfg.replace(scratchpad=False))
+    assert plain.record(expr, "kv_substitution")["target"] == "07-22"
+    assert plain.record(expr, "kv_arithmetic")["target"] == "-015"
     assert kv.record(((b, a), ("+",)), "numeric_arithmetic")["target"] == "+029"
     # Every numeric target has the same length: sign + digits of the largest |result| (99 + 99).
     assert {len(kv.record(e, "numeric_arithmetic")["target"]) for e in kv.eval_all} == {4}
+
+
+def test_context_noise_prefixes_prompts_only():
+    cfg = kv_task.KVTaskConfig(n_kv=99, fixed_width=True, context_noise=0.75, max_noise_len=16, n_eval=20)
+    kv = kv_task.make_kv_data(cfg)
+    records = kv.records(kv.train_expressions(2000), "numeric_arithmetic")
+    noisy = kv_task.with_context_noise(records, cfg, seed=2)
+    assert noisy == kv_task.with_context_noise(records, cfg, seed=2)  # deterministic
+    assert noisy != kv_task.with_context_noise(records, cfg, seed=3)
+    prefixes = []
+    for r, n in zip(records, noisy):
+        assert n["target"] == r["target"] and n["prompt"].endswith(r["prompt"])
+        prefixes.append(n["prompt"][:-len(r["prompt"])])
+    assert 0.70 < sum(bool(p) for p in prefixes) / len(prefixes) < 0.80
+    tok = kv_task.make_tokenizer()
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prefixes if p]
+    assert min(lengths) == 1 and max(lengths) == 16
+    assert set("".join(prefixes)) <= set("".join(kv_task.NOISE_CHARS))
+    assert kv_task.with_context_noise(records, cfg.replace(context_noise=0.0), seed=2) == records
+    with pytest.raises(ValueError, match="context_noise"):
+        kv_task.KVTaskConfig(context_noise=1.5)
