@@ -15,9 +15,9 @@ p.add_argument('--nkv', type=int, default=99); p.add_argument('--T', type=int, d
 p.add_argument('--qn', type=int, default=0); p.add_argument('--zi', type=int, default=1); p.add_argument('--gate', type=int, default=0)
 p.add_argument('--rope', type=int, default=1); p.add_argument('--heads', type=int, default=0)
 p.add_argument('--mA', default='/tmp/ma_num.pkl'); p.add_argument('--mB', default='/tmp/mb_noise.pkl')
-p.add_argument('--DB', type=int, default=96); p.add_argument('--LB', type=int, default=4)
+p.add_argument('--frac', type=float, default=0.2); p.add_argument('--wd', type=float, default=0.0); p.add_argument('--DB', type=int, default=96); p.add_argument('--LB', type=int, default=4)
 a = p.parse_args()
-d = kv_task.make_kv_data(kv_task.KVTaskConfig(n_kv=a.nkv, fixed_width=True, scratchpad=True))
+d = kv_task.make_kv_data(kv_task.KVTaskConfig(n_kv=a.nkv, fixed_width=True, scratchpad=True, held_in_fraction=a.frac))
 tok = kv_task.make_tokenizer()
 cA = cfg_for(64, 2, 4, F=256, V=len(tok)); pA = pickle.load(open(a.mA, 'rb'))
 cB = cfg_for(a.DB, a.LB, 4, V=len(tok)); pB = pickle.load(open(a.mB, 'rb'))
@@ -40,7 +40,7 @@ def composed(th, toks, mask):
 th = C.init_theta(ccfg, jax.random.key(1))
 print('theta', sum(x.size for x in jax.tree.leaves(th)))
 sched = optax.warmup_cosine_decay_schedule(0, a.lr, 50, a.steps, a.lr*0.05)
-opt = optax.adamw(sched, b2=0.98, weight_decay=0.0); st = opt.init(th)
+opt = optax.adamw(sched, b2=0.98, weight_decay=a.wd); st = opt.init(th)
 @jax.jit
 def step(th, st, toks, mask, flags):
     l, g = jax.value_and_grad(lambda t: lm_loss(composed(t, toks, mask), toks, flags))(th)
