@@ -68,15 +68,6 @@ class _Run:
         with tqdm(total=len(self.eval_sets), desc=f"eval {label}", unit="set", dynamic_ncols=True) as bar:
             return kva.evaluate(label, model, params, self.tok, self.eval_sets, self.preset.eval_batch, self.out, bar)
 
-    def train_config(self):
-        """The D_C stage (preset.train_C) as train_composition sets it up."""
-        from calm_jax import trainer
-
-        stage = self.preset.train_C
-        return trainer.TrainConfig(steps=stage.steps, batch_size=stage.batch_size, seq_len=self.seq_lens["calm"],
-                                   lr=stage.lr, warmup=stage.warmup, end_lr_ratio=0.05, seed=CALM_SEED, eval_every=0,
-                                   save_every=0, keep=1)
-
     def train_on_dc(self, name: str, loss_fn, trainable, frozen, bases: dict):
         """calm_jax.trainer on D_C into OUT/name (resumed when there); returns the trained tree."""
         from calm_jax import data as data_lib
@@ -84,7 +75,8 @@ class _Run:
 
         dataset = data_lib.load_dataset(self.paths["calm"], self.tok, self.seq_lens["calm"])
         print(f"D_C: {len(dataset)} examples, {self.preset.train_C.steps} steps of {self.preset.train_C.batch_size}")
-        return trainer.train(os.path.join(self.out, name), self.train_config(), loss_fn, trainable, frozen, dataset,
+        tcfg = self.preset.train_C.train_config(self.seq_lens["calm"], CALM_SEED)
+        return trainer.train(os.path.join(self.out, name), tcfg, loss_fn, trainable, frozen, dataset,
                              bases=bases, resume=True).trainable
 
 

@@ -71,6 +71,13 @@ class Stage:
     b2: float = 0.999  # Adam's second-moment decay
     clip: float = 1.0  # global gradient norm
 
+    def train_config(self, seq_len: int, seed: int):
+        """This stage as a calm_jax.trainer.TrainConfig (no periodic eval; one checkpoint, at the end)."""
+        from calm_jax import trainer
+        return trainer.TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=seq_len, lr=self.lr,
+                                   warmup=self.warmup, end_lr_ratio=0.05, b2=self.b2, clip=self.clip, seed=seed,
+                                   eval_every=0, save_every=0, keep=1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -212,9 +219,7 @@ def train_base(name: str, size: ModelSize, stage: Stage, seq_len: int, tok, data
         print(f"{name}: trained model found in {final}; skipping training")
         return load_pretrained(final)
     cfg = size.config(len(tok), max_positions)
-    tcfg = trainer.TrainConfig(steps=stage.steps, batch_size=stage.batch_size, seq_len=seq_len, lr=stage.lr,
-                               warmup=stage.warmup, end_lr_ratio=0.05, b2=stage.b2, clip=stage.clip, seed=seed,
-                               eval_every=0, save_every=0, keep=1)
+    tcfg = stage.train_config(seq_len, seed)
     dataset = data_lib.load_dataset(data_path, tok, seq_len)
     print(f"{name}: {size.family}, {size.layers} layers, hidden {size.hidden}, "
           f"{sum(x.size for x in jax.tree.leaves(init_params(cfg, jax.random.key(seed)))):,} parameters; "
@@ -243,8 +248,7 @@ def train_composition(run_dir: str, ccfg, stage: Stage, seq_len: int, tok, data_
 
     theta = composition.init_theta(ccfg, jax.random.key(seed))
     print(composition.describe(ccfg, theta))
-    tcfg = trainer.TrainConfig(steps=stage.steps, batch_size=stage.batch_size, seq_len=seq_len, lr=stage.lr,
-                               warmup=stage.warmup, end_lr_ratio=0.05, seed=seed, eval_every=0, save_every=0, keep=1)
+    tcfg = stage.train_config(seq_len, seed)
     dataset = data_lib.load_dataset(data_path, tok, seq_len)
     print(f"D_C: {len(dataset)} examples, {stage.steps} steps of {stage.batch_size}")
     checkpoint.save_composition_config(run_dir, ccfg)
