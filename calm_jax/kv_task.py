@@ -31,7 +31,10 @@ CHARS = string.ascii_lowercase + string.digits + "+-*="
 class KVTaskConfig:
     """Scale of the task. The default is small enough for 2 CPU cores; `PAPER` is the paper's."""
 
-    n_kv: int = 200  # keys; values are a permutation of 1..n_kv
+    n_kv: int = 200  # keys; values are a permutation of 1..n_kv (but see max_value)
+    # Values in [1, max_value], each used n_kv / max_value times (rounded), when max_value <
+    # n_kv: many keys with short numbers. None: the paper's unique values, max_value = n_kv.
+    max_value: int | None = None
     min_key_len: int = 2
     max_key_len: int = 6
     min_terms: int = 2  # keys per expression
@@ -43,6 +46,9 @@ class KVTaskConfig:
     # Numbers zero-padded to a fixed width, results with a sign ("07-22" -> "-015"), so that
     # every digit has a fixed place: small models learn the arithmetic far faster.
     fixed_width: bool = False
+    # Result digits written least significant first after the sign ("+029" -> "+920"): each
+    # digit then depends on the operands' digits in that place and the carry, already written.
+    reverse_result: bool = False
     # KV-Arithmetic targets show the substitution first ("ab+cd=" -> "[NUM]10+22=32"): the
     # anchor reads m_A's substitution as it is generated (iterative decoding) and then
     # computes. A written-out numeric expression then starts with the [NUM] marker, in
@@ -53,6 +59,13 @@ class KVTaskConfig:
     # digits there are random, so no key is ever paired with its value. See `with_context_noise`.
     context_noise: float = 0.0
     max_noise_len: int = 16
+    # m_B's training list holds each example this many times, each copy with its own prefix
+    # draw: more prefixes per problem without more problems.
+    noise_copies: int = 1
+    # Fraction of m_A's KV-Substitution examples whose [SUB] marker is replaced by a task
+    # marker drawn uniformly: m_A reads the keys of a [KVA] prompt (the composition's input)
+    # as it reads a [SUB] one. It is still only taught substitution. See `with_random_markers`.
+    random_marker: float = 0.0
 
     def __post_init__(self):
         if not set(self.operators) <= set("+-*") or not self.operators:
@@ -63,24 +76,33 @@ class KVTaskConfig:
             raise ValueError(f"terms must satisfy 1 <= min <= max, found {self.min_terms}..{self.max_terms}")
         if not 0.0 < self.held_in_fraction < 1.0:
             raise ValueError(f"held_in_fraction must be in (0, 1), found {self.held_in_fraction}")
-        if not 0.0 <= self.context_noise <= 1.0 or self.max_noise_len < 1:
-            raise ValueError(f"context_noise must be in [0, 1] and max_noise_len >= 1, found "
-                             f"{self.context_noise}, {self.max_noise_len}")
+        if not 0.0 <= self.random_marker <= 1.0:
+            raise ValueError(f"random_marker must be in [0, 1], found {self.random_marker}")
+        if not 0.0 <= self.context_noise <= 1.0 or self.max_noise_len < 1 or self.noise_copies < 1:
+            raise ValueError(f"context_noise must be in [0, 1], max_noise_len and noise_copies >= 1, found "
+                             f"{self.context_noise}, {self.max_noise_len}, {self.noise_copies}")
+        if self.max_value is not None and not 1 <= self.max_value <= self.n_kv:
+            raise ValueError(f"max_value must be in [1, n_kv={self.n_kv}], found {self.max_value}")
         possible = sum(26 ** n for n in range(self.min_key_len, self.max_key_len + 1))
         if self.n_kv > possible:
             raise ValueError(f"n_kv={self.n_kv} keys do not fit in {possible} strings of "
                              f"{self.min_key_len}-{self.max_key_len} letters")
 
     @property
+    def largest_value(self) -> int:
+        return self.n_kv if self.max_value is None else self.max_value
+
+    @property
     def value_width(self) -> int:
-        return len(str(self.n_kv)) if self.fixed_width else 0
+        return len(str(self.largest_value)) if self.fixed_width else 0
 
     @property
     def result_width(self) -> int:
         """Digits of the largest |result| (with a fixed width; 0 otherwise)."""
         if not self.fixed_width:
             return 0
-        largest = self.n_kv ** self.max_terms if "*" in self.operators else self.n_kv * self.max_terms
+        v = self.largest_value
+        largest = v ** self.max_terms if "*" in self.operators else v * self.max_terms
         return len(str(largest))
 
     def replace(self, **changes) -> "KVTaskConfig":
@@ -117,10 +139,10 @@ class KVData:
         return int(eval(text, {"__builtins__": {}}))  # noqa: S307
 
     def result_text(self, expr: Expr) -> str:
-        r = self.result(expr)
-        if not self.config.fixed_width:
-            return str(r)
-        return ("-" if r < 0 else "+") + str(abs(r)).zfill(self.config.result_width)
+        r, cfg = self.result(expr), self.config
+        sign = "-" if r < 0 else ("+" if cfg.fixed_width else "")
+        digits = str(abs(r)).zfill(cfg.result_width)  # result_width is 0 without a fixed width
+        return sign + (digits[::-1] if cfg.reverse_result else digits)
 
     def record(self, expr: Expr, task: str) -> dict:
         """{"prompt", "target"} for one expression in one task (see the module docstring)."""
@@ -147,12 +169,14 @@ class KVData:
         """
         pool = self.held_in if held_in_only else tuple(range(len(self.keys)))
         taken = set(self.eval_all) | set(self.eval_heldout)
+        # With shared values (max_value < n_kv) other keys can spell an evaluation problem's numbers.
+        taken_numeric = {self.numeric_text(e) for e in taken}
         rng = np.random.default_rng([self.config.seed, seed, int(held_in_only)])
         space = _space(self.config, len(pool))
         out, seen = [], set()
         while len(out) < n:
             e = _sample(rng, pool, self.config)
-            if e in taken or (e in seen and len(seen) < 0.5 * (space - len(taken))):
+            if e in taken or self.numeric_text(e) in taken_numeric or (e in seen and len(seen) < 0.5 * (space - len(taken))):
                 continue
             seen.add(e)
             out.append(e)
@@ -163,7 +187,8 @@ NOISE_CHARS = (*CHARS, *MARKERS.values())
 
 
 def with_context_noise(records: Sequence[dict], cfg: KVTaskConfig, seed: int) -> list[dict]:
-    """`records` with a random prefix before the prompt of a `cfg.context_noise` fraction of them.
+    """`records`, `cfg.noise_copies` times, with a random prefix before the prompt of a
+    `cfg.context_noise` fraction of them.
 
     A prefix is 1..`cfg.max_noise_len` tokens drawn uniformly and independently from
     NOISE_CHARS (letters, digits, operators, task markers): a letter string next to digits
@@ -172,12 +197,29 @@ def with_context_noise(records: Sequence[dict], cfg: KVTaskConfig, seed: int) ->
     """
     rng = np.random.default_rng([cfg.seed, seed])
     out = []
-    for r in records:
+    for r in (r for r in records for _ in range(cfg.noise_copies)):
         prefix = ""
         if rng.random() < cfg.context_noise:
             n = int(rng.integers(1, cfg.max_noise_len + 1))
             prefix = "".join(NOISE_CHARS[j] for j in rng.integers(0, len(NOISE_CHARS), n))
         out.append({**r, "prompt": prefix + r["prompt"]})
+    return out
+
+
+def with_random_markers(records: Sequence[dict], cfg: KVTaskConfig, seed: int) -> list[dict]:
+    """`records` with the leading task marker of a `cfg.random_marker` fraction of them replaced
+    by one drawn uniformly from MARKERS (possibly the same one). Targets are unchanged.
+    Deterministic from `seed`."""
+    rng = np.random.default_rng([cfg.seed, seed])
+    markers = tuple(MARKERS.values())
+    out = []
+    for r in records:
+        marker = next((m for m in markers if r["prompt"].startswith(m)), None)
+        if marker is None:
+            raise ValueError(f"prompt {r['prompt']!r} does not start with a task marker {markers}")
+        if rng.random() < cfg.random_marker:
+            r = {**r, "prompt": markers[int(rng.integers(len(markers)))] + r["prompt"][len(marker):]}
+        out.append(r)
     return out
 
 
@@ -217,7 +259,7 @@ def make_kv_data(cfg: KVTaskConfig) -> KVData:
     while len(keys) < cfg.n_kv:
         n = int(rng.integers(cfg.min_key_len, cfg.max_key_len + 1))
         keys["".join(rng.choice(list(string.ascii_lowercase), n))] = None
-    values = tuple(int(v) for v in rng.permutation(cfg.n_kv) + 1)
+    values = tuple(int(v) % cfg.largest_value + 1 for v in rng.permutation(cfg.n_kv))
     order = rng.permutation(cfg.n_kv)
     n_in = max(1, round(cfg.held_in_fraction * cfg.n_kv))
     held_in, held_out = tuple(sorted(order[:n_in].tolist())), tuple(sorted(order[n_in:].tolist()))

@@ -5,6 +5,7 @@ models are saved in HF format and reused. No accuracy is asserted (the tiny mode
 for 3 steps).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -88,3 +89,38 @@ def test_base_models_saved_and_reused(run_dir, capsys):
     assert os.path.getmtime(os.path.join(out, "m_A", "model.safetensors")) == before
     assert again.config.num_layers == preset.m_A.layers
     assert "skipping training" in capsys.readouterr().out
+
+
+def test_build_data_mixes_dc_tasks_and_marks_m_A_prompts(tmp_path):
+    """dc_substitution / dc_numeric split D_C by task (Numeric-Arithmetic examples carry no key);
+    random_marker gives some of m_A's substitution prompts another task marker."""
+    base = kva._presets()["tiny"]
+    preset = dataclasses.replace(base, task=base.task.replace(random_marker=0.5), dc_substitution=0.25,
+                                 dc_numeric=0.25)
+    kv, _, paths, _ = kva.build_data(preset, str(tmp_path))
+    held_in = {kv.keys[i] for i in kv.held_in}
+    dc = read_jsonl(paths["calm"])
+    counts = {m: sum(r["prompt"].startswith(m) for r in dc) for m in kv_task.MARKERS.values()}
+    assert counts == {"[SUB]": 8, "[NUM]": 8, "[KVA]": 16}
+    for rec in dc:
+        body = re.split(r"[-+*]", rec["prompt"][5:-1])
+        if rec["prompt"].startswith("[NUM]"):
+            assert all(t.isdigit() for t in body)
+        else:
+            assert set(body) <= held_in
+    m_A = read_jsonl(paths["m_A"])
+    markers = {r["prompt"][:5] for r in m_A}
+    assert markers == set(kv_task.MARKERS.values())  # 64 prompts, half re-marked
+    assert all(r["target"].startswith("[NUM]") and "=" not in r["target"] for r in m_A)  # substitution only
+
+
+def test_preset_overrides():
+    p = kva.get_preset("tiny", ["task.n_kv=30", "connections=((1, 1),)", "train_C.lr=0.01", "m_B.family=gpt2"])
+    assert (p.task.n_kv, p.connections, p.train_C.lr, p.m_B.family) == (30, ((1, 1),), 0.01, "gpt2")
+    assert p.train_A == kva.get_preset("tiny").train_A
+    for bad, match in [("foo=1", "Preset has no field 'foo'"), ("task.bar=1", "KVTaskConfig has no field 'bar'"),
+                       ("xx.y=1", "'xx' is not one of"), ("task.n_kv", "not FIELD=VALUE")]:
+        with pytest.raises(ValueError, match=match):
+            kva.get_preset("tiny", [bad])
+    with pytest.raises(ValueError, match="unknown preset"):
+        kva.get_preset("huge")

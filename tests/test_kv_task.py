@@ -83,6 +83,9 @@ def test_paper_preset_scale():
     (dict(n_kv=30, max_key_len=1, min_key_len=1), "do not fit"),
     (dict(held_in_fraction=1.0), "held_in_fraction"),
     (dict(min_terms=3, max_terms=2), "terms"),
+    (dict(n_kv=50, max_value=60), "max_value"),
+    (dict(max_value=0), "max_value"),
+    (dict(noise_copies=0), "noise_copies"),
 ])
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -134,6 +137,14 @@ def test_fixed_width_and_scratchpad():
     assert kv.record(((b, a), ("+",)), "numeric_arithmetic")["target"] == "+029"
     # Every numeric target has the same length: sign + digits of the largest |result| (99 + 99).
     assert {len(kv.record(e, "numeric_arithmetic")["target"]) for e in kv.eval_all} == {4}
+    # Reversed results: sign first, then the digits least significant first.
+    rev = kv_task.make_kv_data(cfg.replace(reverse_result=True))
+    assert rev.record(expr, "numeric_arithmetic")["target"] == "-510"
+    assert rev.record(expr, "kv_arithmetic")["target"] == "[NUM]07-22=-510"
+    assert rev.record(((b, a), ("+",)), "numeric_arithmetic")["target"] == "+920"
+    free = kv_task.make_kv_data(cfg.replace(fixed_width=False, reverse_result=True))
+    assert free.record(expr, "numeric_arithmetic")["target"] == "-51"
+    assert free.record(((b, a), ("+",)), "numeric_arithmetic")["target"] == "92"
 
 
 def test_context_noise_prefixes_prompts_only():
@@ -155,3 +166,54 @@ def test_context_noise_prefixes_prompts_only():
     assert kv_task.with_context_noise(records, cfg.replace(context_noise=0.0), seed=2) == records
     with pytest.raises(ValueError, match="context_noise"):
         kv_task.KVTaskConfig(context_noise=1.5)
+
+
+def test_shared_values():
+    """max_value < n_kv: each value used by n_kv / max_value keys, widths from max_value, and no
+    training expression spells an evaluation problem's numbers through other keys."""
+    cfg = kv_task.KVTaskConfig(n_kv=300, max_value=30, fixed_width=True, n_eval=200, seed=3)
+    kv = kv_task.make_kv_data(cfg)
+    assert len(set(kv.keys)) == 300
+    assert sorted(set(kv.values)) == list(range(1, 31))
+    assert {kv.values.count(v) for v in range(1, 31)} == {10}
+    assert (cfg.value_width, cfg.result_width) == (2, 2)
+    assert {len(kv.record(e, "numeric_arithmetic")["target"]) for e in kv.eval_all} == {3}
+    eval_numeric = {kv.numeric_text(e) for e in kv.eval_all + kv.eval_heldout}
+    train = kv.train_expressions(3000)
+    assert eval_numeric.isdisjoint(kv.numeric_text(e) for e in train)
+    assert len({kv.numeric_text(e) for e in train}) < len(set(train))  # values are shared
+    # max_value = n_kv is the default's unique values, drawn identically.
+    a, b = kv_task.make_kv_data(CFG), kv_task.make_kv_data(CFG.replace(max_value=CFG.n_kv))
+    assert (a.keys, a.values, a.held_in, a.eval_all, a.eval_heldout) == (b.keys, b.values, b.held_in, b.eval_all,
+                                                                         b.eval_heldout)
+    assert a.train_expressions(500) == b.train_expressions(500)
+
+
+def test_noise_copies_repeat_each_example_with_its_own_prefixes():
+    cfg = kv_task.KVTaskConfig(n_kv=99, fixed_width=True, context_noise=1.0, noise_copies=3, n_eval=20)
+    kv = kv_task.make_kv_data(cfg)
+    records = kv.records(kv.train_expressions(200), "numeric_arithmetic")
+    noisy = kv_task.with_context_noise(records, cfg, seed=2)
+    assert len(noisy) == 3 * len(records)
+    for i, r in enumerate(records):
+        copies = noisy[3 * i:3 * i + 3]
+        assert all(c["target"] == r["target"] and c["prompt"].endswith(r["prompt"]) for c in copies)
+    assert len({c["prompt"] for c in noisy}) > 2.9 * len(records)  # the prefixes differ between copies
+
+
+def test_random_markers_change_only_the_marker():
+    cfg = kv_task.KVTaskConfig(n_kv=99, fixed_width=True, scratchpad=True, random_marker=0.6, n_eval=20)
+    kv = kv_task.make_kv_data(cfg)
+    records = kv.records(kv.train_expressions(3000), "kv_substitution")
+    marked = kv_task.with_random_markers(records, cfg, seed=1)
+    assert marked == kv_task.with_random_markers(records, cfg, seed=1)
+    assert all(m["target"] == r["target"] and m["prompt"][5:] == r["prompt"][5:] for m, r in zip(marked, records))
+    share = {mk: sum(m["prompt"].startswith(mk) for m in marked) / len(marked) for mk in kv_task.MARKERS.values()}
+    # 40% keep [SUB]; the 60% re-drawn are uniform over the three markers.
+    assert share["[SUB]"] == pytest.approx(0.4 + 0.2, abs=0.03)
+    assert share["[KVA]"] == pytest.approx(0.2, abs=0.03) and share["[NUM]"] == pytest.approx(0.2, abs=0.03)
+    assert kv_task.with_random_markers(records, cfg.replace(random_marker=0.0), seed=1) == records
+    with pytest.raises(ValueError, match="task marker"):
+        kv_task.with_random_markers([{"prompt": "ab+cd=", "target": "1"}], cfg, seed=1)
+    with pytest.raises(ValueError, match="random_marker"):
+        kv_task.KVTaskConfig(random_marker=2.0)

@@ -90,10 +90,10 @@ def _base_models(preset: kva.Preset, out: str, tok, paths: dict, seq_lens: dict)
     return m_A, m_B
 
 
-def _setup(preset_name: str, out: str, sub: str, timer) -> _Run:
+def _setup(preset_name: str, out: str, sub: str, timer, overrides=()) -> _Run:
     from calm_jax.data import read_jsonl
 
-    preset = kva._presets()[preset_name]
+    preset = kva.get_preset(preset_name, overrides)
     work = os.path.join(out, sub)
     with timer.stage("data"):
         kv, tok, paths, seq_lens = kva.build_data(preset, work)
@@ -142,7 +142,7 @@ def _vanilla_row(run: _Run, name: str):
     stage = run.preset.train_A
     # m_A's expressions (as build_data draws them), substituted under the other mapping; m_A's seed.
     exprs = run.kv.train_expressions(max(stage.examples, run.preset.train_B.examples))[:stage.examples]
-    records = kv_other.records(exprs, "kv_substitution")
+    records = kva.m_A_records(kv_other, exprs)
     path = os.path.join(run.out, "data", f"{name}.jsonl")
     kva._write_jsonl(path, records)
     seq_len = -(-max(len(data_lib.encode(run.tok, r, append_eos=True)[0]) for r in records) // 8) * 8
@@ -231,13 +231,13 @@ def _row(run: _Run, name: str):
             "lora_m_B": _lora_row, "finetune_m_B": _finetune_row}[name](run, name)
 
 
-def run_ablations(preset_name: str, out: str) -> dict:
+def run_ablations(preset_name: str, out: str, overrides=()) -> dict:
     """Every ablation row into OUT/ablations; returns the ablations.json content."""
     start = time.perf_counter()
     timer = kva.Timer()
-    run = _setup(preset_name, out, "ablations", timer)
+    run = _setup(preset_name, out, "ablations", timer, overrides)
     table = {"trainable_params": {}, "notes": {}, "seconds": timer.seconds,
-             "config": {"preset": preset_name, **kva.describe_config(run.preset, run.kv, run.seq_lens),
+             "config": {"preset": preset_name, "overrides": list(overrides), **kva.describe_config(run.preset, run.kv, run.seq_lens),
                         "eval_sizes": {t: len(r) for t, r in run.eval_sets.items()},
                         "seeds": {"theta": CALM_SEED, "random_m_A": RANDOM_M_A_SEED,
                                   "vanilla_values": VANILLA_VALUES_SEED, "lora": LORA_SEED}}}
@@ -254,9 +254,9 @@ def run_ablations(preset_name: str, out: str) -> dict:
     _write_json(os.path.join(run.out, "ablations.json"), table)
     md = ablations_markdown(table)
     with open(os.path.join(run.out, "ablations.md"), "w") as f:
-        f.write(f"# Ablations: key-value arithmetic (preset `{preset_name}`)\n\n" + md)
+        f.write(f"# Ablations: key-value arithmetic (preset `{kva.preset_label(preset_name, overrides)}`)\n\n" + md)
     plot_ablations(table, os.path.join(run.out, "ablations.png"),
-                   f"Key-value arithmetic ablations, preset {preset_name}; total {timer.seconds['total']:.0f}s")
+                   f"Key-value arithmetic ablations, preset {kva.preset_label(preset_name, overrides)}; total {timer.seconds['total']:.0f}s")
     print(md)
     return table
 
@@ -353,11 +353,11 @@ def _sweep_point(run: _Run, fraction: float, base_exprs: set) -> dict:
             "eval_sizes": {t: len(r) for t, r in eval_sets.items()}, "eval_dropped": dropped}
 
 
-def run_sweep(preset_name: str, out: str) -> dict:
+def run_sweep(preset_name: str, out: str, overrides=()) -> dict:
     """Θ_C per held-in key fraction (SWEEP_FRACTIONS) into OUT/sweep; returns the sweep.json content."""
     start = time.perf_counter()
     timer = kva.Timer()
-    run = _setup(preset_name, out, "sweep", timer)
+    run = _setup(preset_name, out, "sweep", timer, overrides)
     # Every expression m_A or m_B was trained on, drawn as build_data draws them.
     base_exprs = set(run.kv.train_expressions(max(run.preset.train_A.examples, run.preset.train_B.examples)))
     points = []
@@ -369,14 +369,14 @@ def run_sweep(preset_name: str, out: str) -> dict:
               + f"; {points[-1]['seconds']:.1f}s", flush=True)
     timer.seconds["total"] = round(time.perf_counter() - start, 1)
     sweep = {"points": points, "seconds": timer.seconds,
-             "config": {"preset": preset_name, **kva.describe_config(run.preset, run.kv, run.seq_lens),
+             "config": {"preset": preset_name, "overrides": list(overrides), **kva.describe_config(run.preset, run.kv, run.seq_lens),
                         "fractions": list(SWEEP_FRACTIONS), "base_model_expressions": len(base_exprs)}}
     _write_json(os.path.join(run.out, "sweep.json"), sweep)
     md = sweep_markdown(sweep)
     with open(os.path.join(run.out, "sweep.md"), "w") as f:
-        f.write(f"# Held-in key fraction sweep: key-value arithmetic (preset `{preset_name}`)\n\n" + md)
+        f.write(f"# Held-in key fraction sweep: key-value arithmetic (preset `{kva.preset_label(preset_name, overrides)}`)\n\n" + md)
     plot_sweep(sweep, os.path.join(run.out, "sweep.png"),
-               f"CALM vs held-in key fraction, preset {preset_name}; total {timer.seconds['total']:.0f}s")
+               f"CALM vs held-in key fraction, preset {kva.preset_label(preset_name, overrides)}; total {timer.seconds['total']:.0f}s")
     print(md)
     return sweep
 

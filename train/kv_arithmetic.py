@@ -2,6 +2,7 @@
 
     python -m train.kv_arithmetic [--preset default|paper|tiny] [--out runs/kv_arithmetic] [--fresh]
     python -m train.kv_arithmetic --ablations | --sweep    (train.kv_ablations: Table 5, held-in sweep)
+    python -m train.kv_arithmetic --set train_B.steps=2250 --set connections='((1,3),)' --out runs/variant
 
 Stages, each with a progress bar and its time:
   data   D_KV, the three datasets, D_C (calm_jax.kv_task), written as JSONL under OUT/data/
@@ -91,8 +92,10 @@ class Preset:
     train_C: Stage  # examples = |D_C|
     # (m_A layer, m_B layer) pairs; None: the paper's rule (composition.default_connections).
     connections: tuple | None
-    # Fraction of D_C given as KV-Substitution instead of KV-Arithmetic (0: arithmetic only).
+    # Fractions of D_C given as KV-Substitution and as Numeric-Arithmetic instead of
+    # KV-Arithmetic (0, 0: arithmetic only). Numeric-Arithmetic examples carry no key.
     dc_substitution: float = 0.0
+    dc_numeric: float = 0.0
     # Composition options beyond the paper (calm_jax.composition.CompositionConfig).
     query_norm: bool = False
     zero_init_out: bool = False
@@ -140,6 +143,42 @@ def _presets():
     }
 
 
+def get_preset(name: str, overrides=()) -> Preset:
+    """The preset `name` with `overrides` applied: "FIELD=VALUE" for a Preset field or
+    "PART.FIELD=VALUE" for a field of task, m_A, m_B, train_A, train_B or train_C; VALUE is a
+    Python literal (a bare word is taken as a string). Raises ValueError naming a bad override."""
+    import ast
+
+    presets = _presets()
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
+    preset = presets[name]
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not FIELD=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        part, _, field = key.rpartition(".")
+        if part and not dataclasses.is_dataclass(getattr(preset, part, None)):
+            raise ValueError(f"override {item!r}: {part!r} is not one of task, m_A, m_B, train_A, train_B, train_C")
+        target = getattr(preset, part) if part else preset
+        names = {f.name for f in dataclasses.fields(target)}
+        if field not in names:
+            raise ValueError(f"override {item!r}: {type(target).__name__} has no field {field!r}; "
+                             f"fields: {', '.join(sorted(names))}")
+        changed = dataclasses.replace(target, **{field: value})
+        preset = dataclasses.replace(preset, **{part: changed}) if part else changed
+    return preset
+
+
+def preset_label(name: str, overrides=()) -> str:
+    """`name`, or `name` with its overrides: for titles."""
+    return name + (f" with {' '.join(overrides)}" if overrides else "")
+
+
 class Timer:
     """Per-stage wall time, printed as each stage ends."""
 
@@ -170,6 +209,12 @@ def _write_jsonl(path: str, records) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+def m_A_records(kv, exprs) -> list[dict]:
+    """m_A's training data: KV-Substitution of `exprs` under `kv`'s mapping (with the task's random markers)."""
+    from calm_jax import kv_task
+    return kv_task.with_random_markers(kv.records(exprs, "kv_substitution"), kv.config, seed=1)
+
+
 def build_data(preset: Preset, out: str):
     """D_KV, the tokenizer and every JSONL file of the run. Returns (KVData, tokenizer, paths, seq_lens)."""
     from calm_jax import data as data_lib
@@ -180,11 +225,13 @@ def build_data(preset: Preset, out: str):
     train_exprs = kv.train_expressions(max(preset.train_A.examples, preset.train_B.examples))
     dc_exprs = kv.train_expressions(preset.train_C.examples, held_in_only=True)
     n_sub = round(preset.dc_substitution * len(dc_exprs))
+    n_num = n_sub + round(preset.dc_numeric * len(dc_exprs))
     files = {
-        "m_A": kv.records(train_exprs[:preset.train_A.examples], "kv_substitution"),
+        "m_A": m_A_records(kv, train_exprs[:preset.train_A.examples]),
         "m_B": kv_task.with_context_noise(kv.records(train_exprs[:preset.train_B.examples], "numeric_arithmetic"),
                                           preset.task, seed=2),
-        "calm": kv.records(dc_exprs[:n_sub], "kv_substitution") + kv.records(dc_exprs[n_sub:], "kv_arithmetic"),
+        "calm": (kv.records(dc_exprs[:n_sub], "kv_substitution") + kv.records(dc_exprs[n_sub:n_num], "numeric_arithmetic")
+                 + kv.records(dc_exprs[n_num:], "kv_arithmetic")),
         "eval_kv_substitution": kv.records(kv.eval_all, "kv_substitution"),
         "eval_numeric_arithmetic": kv.records(kv.eval_all, "numeric_arithmetic"),
         "eval_kv_arithmetic": kv.records(kv.eval_all, "kv_arithmetic"),
@@ -331,17 +378,17 @@ def describe_config(preset: Preset, kv, seq_lens: dict) -> dict:
             "held_out_keys": len(kv.held_out),
             **{k: dataclasses.asdict(getattr(preset, k)) for k in ("m_A", "m_B", "train_A", "train_B", "train_C")},
             "connections": [list(p) for p in preset.connections] if preset.connections else "paper default",
-            "dc_substitution": preset.dc_substitution, "seq_lens": seq_lens,
+            "dc_substitution": preset.dc_substitution, "dc_numeric": preset.dc_numeric, "seq_lens": seq_lens,
             **{k: getattr(preset, k) for k in ("query_norm", "zero_init_out", "gate", "cross_rope")}}
 
 
-def run(preset_name: str, out: str, fresh: bool = False) -> dict:
+def run(preset_name: str, out: str, fresh: bool = False, overrides=()) -> dict:
     """The whole experiment; returns the table1.json content."""
     start = time.perf_counter()
     if fresh and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
-    preset = _presets()[preset_name]
+    preset = get_preset(preset_name, overrides)
     timer = Timer()
 
     with timer.stage("data"):
@@ -377,16 +424,16 @@ def run(preset_name: str, out: str, fresh: bool = False) -> dict:
             params = {"theta": theta, "anchor": m_B.params, "augments": (m_A.params,)}
             results["calm"] = evaluate("calm", ComposedLM(ccfg), params, tok, eval_sets, preset.eval_batch, out, bar)
     timer.seconds["total"] = round(time.perf_counter() - start, 1)
-    table = {**results, "config": {"preset": preset_name, **describe_config(preset, kv, seq_lens)},
+    table = {**results, "config": {"preset": preset_name, "overrides": list(overrides), **describe_config(preset, kv, seq_lens)},
              "seconds": timer.seconds}
     with open(os.path.join(out, "table1.json"), "w") as f:
         json.dump(table, f, indent=1)
     md = table_markdown(results)
     with open(os.path.join(out, "table1.md"), "w") as f:
-        f.write(f"# Table 1: key-value arithmetic (preset `{preset_name}`)\n\n" + md
+        f.write(f"# Table 1: key-value arithmetic (preset `{preset_label(preset_name, overrides)}`)\n\n" + md
                 + f"\nStage seconds: {json.dumps(timer.seconds)}\n")
     plot_table(results, os.path.join(out, "table1.png"),
-               f"Key-value arithmetic, preset {preset_name}: N_KV={preset.task.n_kv}, "
+               f"Key-value arithmetic, preset {preset_label(preset_name, overrides)}: N_KV={preset.task.n_kv}, "
                f"{len(kv.held_in)} held-in keys; total {timer.seconds['total']:.0f}s")
     print(md)
     print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
@@ -398,21 +445,28 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="default", choices=("default", "paper", "tiny"))
     parser.add_argument("--out", default=os.path.join("runs", "kv_arithmetic"), metavar="DIR")
     parser.add_argument("--fresh", action="store_true", help="delete DIR first (retrain everything)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                        help="change the preset, e.g. train_B.steps=2250 or connections='((1,3),)' (repeatable); "
+                             "use a fresh --out")
     parser.add_argument("--ablations", action="store_true",
                         help="the ablations (Table 5 analogue) into DIR/ablations instead of Table 1")
     parser.add_argument("--sweep", action="store_true",
                         help="the held-in key fraction sweep into DIR/sweep instead of Table 1")
     args = parser.parse_args(argv)
+    try:
+        get_preset(args.preset, args.overrides)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
     if args.ablations or args.sweep:
         from train import kv_ablations
         if args.fresh and os.path.isdir(args.out):
             shutil.rmtree(args.out)
         if args.ablations:
-            kv_ablations.run_ablations(args.preset, args.out)
+            kv_ablations.run_ablations(args.preset, args.out, args.overrides)
         if args.sweep:
-            kv_ablations.run_sweep(args.preset, args.out)
+            kv_ablations.run_sweep(args.preset, args.out, args.overrides)
         return 0
-    run(args.preset, args.out, args.fresh)
+    run(args.preset, args.out, args.fresh, args.overrides)
     return 0
 
 
