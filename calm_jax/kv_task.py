@@ -176,7 +176,9 @@ class KVData:
         out, seen = [], set()
         while len(out) < n:
             e = _sample(rng, pool, self.config)
-            if e in taken or self.numeric_text(e) in taken_numeric or (e in seen and len(seen) < 0.5 * (space - len(taken))):
+            if e in taken or self.numeric_text(e) in taken_numeric:
+                continue
+            if e in seen and len(seen) < 0.5 * (space - len(taken)):
                 continue
             seen.add(e)
             out.append(e)

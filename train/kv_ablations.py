@@ -237,7 +237,8 @@ def run_ablations(preset_name: str, out: str, overrides=()) -> dict:
     timer = kva.Timer()
     run = _setup(preset_name, out, "ablations", timer, overrides)
     table = {"trainable_params": {}, "notes": {}, "seconds": timer.seconds,
-             "config": {"preset": preset_name, "overrides": list(overrides), **kva.describe_config(run.preset, run.kv, run.seq_lens),
+             "config": {"preset": preset_name, "overrides": list(overrides),
+                        **kva.describe_config(run.preset, run.kv, run.seq_lens),
                         "eval_sizes": {t: len(r) for t, r in run.eval_sets.items()},
                         "seeds": {"theta": CALM_SEED, "random_m_A": RANDOM_M_A_SEED,
                                   "vanilla_values": VANILLA_VALUES_SEED, "lora": LORA_SEED}}}
@@ -256,7 +257,8 @@ def run_ablations(preset_name: str, out: str, overrides=()) -> dict:
     with open(os.path.join(run.out, "ablations.md"), "w") as f:
         f.write(f"# Ablations: key-value arithmetic (preset `{kva.preset_label(preset_name, overrides)}`)\n\n" + md)
     plot_ablations(table, os.path.join(run.out, "ablations.png"),
-                   f"Key-value arithmetic ablations, preset {kva.preset_label(preset_name, overrides)}; total {timer.seconds['total']:.0f}s")
+                   f"Key-value arithmetic ablations, preset {kva.preset_label(preset_name, overrides)}; "
+                   f"total {timer.seconds['total']:.0f}s")
     print(md)
     return table
 
@@ -369,14 +371,17 @@ def run_sweep(preset_name: str, out: str, overrides=()) -> dict:
               + f"; {points[-1]['seconds']:.1f}s", flush=True)
     timer.seconds["total"] = round(time.perf_counter() - start, 1)
     sweep = {"points": points, "seconds": timer.seconds,
-             "config": {"preset": preset_name, "overrides": list(overrides), **kva.describe_config(run.preset, run.kv, run.seq_lens),
+             "config": {"preset": preset_name, "overrides": list(overrides),
+                        **kva.describe_config(run.preset, run.kv, run.seq_lens),
                         "fractions": list(SWEEP_FRACTIONS), "base_model_expressions": len(base_exprs)}}
     _write_json(os.path.join(run.out, "sweep.json"), sweep)
     md = sweep_markdown(sweep)
     with open(os.path.join(run.out, "sweep.md"), "w") as f:
-        f.write(f"# Held-in key fraction sweep: key-value arithmetic (preset `{kva.preset_label(preset_name, overrides)}`)\n\n" + md)
+        f.write("# Held-in key fraction sweep: key-value arithmetic "
+                f"(preset `{kva.preset_label(preset_name, overrides)}`)\n\n" + md)
     plot_sweep(sweep, os.path.join(run.out, "sweep.png"),
-               f"CALM vs held-in key fraction, preset {kva.preset_label(preset_name, overrides)}; total {timer.seconds['total']:.0f}s")
+               f"CALM vs held-in key fraction, preset {kva.preset_label(preset_name, overrides)}; "
+               f"total {timer.seconds['total']:.0f}s")
     print(md)
     return sweep
 

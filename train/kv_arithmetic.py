@@ -234,7 +234,8 @@ def build_data(preset: Preset, out: str):
         "m_A": m_A_records(kv, train_exprs[:preset.train_A.examples]),
         "m_B": kv_task.with_context_noise(kv.records(train_exprs[:preset.train_B.examples], "numeric_arithmetic"),
                                           preset.task, seed=2),
-        "calm": (kv.records(dc_exprs[:n_sub], "kv_substitution") + kv.records(dc_exprs[n_sub:n_num], "numeric_arithmetic")
+        "calm": (kv.records(dc_exprs[:n_sub], "kv_substitution")
+                 + kv.records(dc_exprs[n_sub:n_num], "numeric_arithmetic")
                  + kv.records(dc_exprs[n_num:], "kv_arithmetic")),
         "eval_kv_substitution": kv.records(kv.eval_all, "kv_substitution"),
         "eval_numeric_arithmetic": kv.records(kv.eval_all, "numeric_arithmetic"),
@@ -428,7 +429,8 @@ def run(preset_name: str, out: str, fresh: bool = False, overrides=()) -> dict:
             params = {"theta": theta, "anchor": m_B.params, "augments": (m_A.params,)}
             results["calm"] = evaluate("calm", ComposedLM(ccfg), params, tok, eval_sets, preset.eval_batch, out, bar)
     timer.seconds["total"] = round(time.perf_counter() - start, 1)
-    table = {**results, "config": {"preset": preset_name, "overrides": list(overrides), **describe_config(preset, kv, seq_lens)},
+    table = {**results, "config": {"preset": preset_name, "overrides": list(overrides),
+                                   **describe_config(preset, kv, seq_lens)},
              "seconds": timer.seconds}
     with open(os.path.join(out, "table1.json"), "w") as f:
         json.dump(table, f, indent=1)
