@@ -1,6 +1,7 @@
 """The key-value arithmetic task of the paper (§4.1): data and tokenizer, deterministic from a seed.
 
-D_KV maps N_KV unique keys (2-6 lowercase letters) to unique integers in [1, N_KV]. An
+D_KV maps N_KV unique keys (2-6 lowercase letters) to unique integers in [1, N_KV] (or,
+with `max_value`, to integers in [1, max_value] that several keys share). An
 expression joins k keys with operators; three datasets are made from the same expressions:
 
   KV-Substitution     [SUB]ab+cde=  ->  10+22       (scratchpad: [NUM]10+22)
@@ -8,7 +9,8 @@ expression joins k keys with operators; three datasets are made from the same ex
   Numeric-Arithmetic  [NUM]10+22=   ->  32
 
 The leading marker (one token) tells the task. Splits are disjoint by expression: the
-evaluation expressions are drawn first and every training list rejects them. D_C (the
+evaluation expressions are drawn first and every training list rejects them (and, with
+shared values, any expression that spells an evaluation problem's numbers). D_C (the
 composition's data) uses only a held-in fraction of the keys; `heldout` evaluation
 expressions use only the other keys, so CALM must read values it never saw in D_C.
 """
