@@ -79,8 +79,8 @@ def test_ablation_predictions_match_accuracy(out):
 def test_base_models_shared_and_vanilla_m_A_uses_another_mapping(out):
     for sub in ("ablations", "sweep"):
         assert not os.path.exists(os.path.join(out, sub, "m_A")) and not os.path.exists(os.path.join(out, sub, "m_B"))
-    assert os.path.isfile(os.path.join(out, "ablations", "vanilla_m_A", "config.json"))
-    assert _load(os.path.join(out, "ablations", "vanilla_m_A", "config.json")) == \
+    assert os.path.isfile(os.path.join(out, "ablations", "vanilla_m_A_base", "config.json"))
+    assert _load(os.path.join(out, "ablations", "vanilla_m_A_base", "config.json")) == \
         _load(os.path.join(out, "m_A", "config.json"))
     original = read_jsonl(os.path.join(out, "ablations", "data", "m_A.jsonl"))
     vanilla = read_jsonl(os.path.join(out, "ablations", "data", "vanilla_m_A.jsonl"))

@@ -75,19 +75,51 @@ def test_dc_uses_only_held_in_keys(run_dir):
 def test_base_models_saved_and_reused(run_dir, capsys):
     from transformers import AutoConfig
 
-    out, _ = run_dir
+    out, table = run_dir
     preset = kva._presets()["tiny"]
+    seq = table["config"]["seq_lens"]
     for name in ("m_A", "m_B"):
         hf = AutoConfig.from_pretrained(os.path.join(out, name))
         assert hf.model_type == "llama"
         assert os.path.isfile(os.path.join(out, name, "tokenizer.json"))
     before = os.path.getmtime(os.path.join(out, "m_A", "model.safetensors"))
     tok = kv_task.make_tokenizer()
-    again = kva.train_base("m_A", preset.m_A, preset.train_A, 16, tok, os.path.join(out, "data", "m_A.jsonl"), out,
-                           seed=1, max_positions=64)
+    again = kva.train_base("m_A", preset.m_A, preset.train_A, seq["m_A"], tok, os.path.join(out, "data", "m_A.jsonl"),
+                           out, seed=1, max_positions=4 * max(seq.values()))
     assert os.path.getmtime(os.path.join(out, "m_A", "model.safetensors")) == before
     assert again.config.num_layers == preset.m_A.layers
     assert "skipping training" in capsys.readouterr().out
+
+
+def test_reuse_refuses_another_recipe(run_dir, tmp_path):
+    """A rerun with other data or settings into the same directory raises instead of reusing
+    the old models or Θ_C; the error names the directory and what differs."""
+    out, table = run_dir
+    preset = kva._presets()["tiny"]
+    tok = kv_task.make_tokenizer()
+    seq = table["config"]["seq_lens"]
+    positions = 4 * max(seq.values())
+    for name in ("m_A", "m_B", "calm"):
+        assert os.path.isfile(os.path.join(out, name, kva.RECIPE_FILE))
+
+    def base(name, stage=None, data=None):
+        return kva.train_base(name, getattr(preset, name), stage or getattr(preset, f"train_{name[-1]}"), seq[name],
+                              tok, data or os.path.join(out, "data", f"{name}.jsonl"), out,
+                              seed={"m_A": 1, "m_B": 2}[name], max_positions=positions)
+
+    longer = dataclasses.replace(preset.train_A, steps=preset.train_A.steps + 1)
+    expected = r"m_A was trained from another recipe.*train\.steps: made with 3, asked for 4"
+    with pytest.raises(ValueError, match=expected):
+        base("m_A", stage=longer)
+    other_data = str(tmp_path / "m_A.jsonl")
+    kva._write_jsonl(other_data, read_jsonl(os.path.join(out, "data", "m_A.jsonl"))[1:])
+    with pytest.raises(ValueError, match="data_sha256"):
+        base("m_A", data=other_data)
+    m_A, m_B = base("m_A"), base("m_B")  # the same recipe is reused
+    faster = dataclasses.replace(preset.train_C, lr=2 * preset.train_C.lr)
+    with pytest.raises(ValueError, match=r"calm was trained from another recipe.*train\.lr"):
+        kva.train_composition(os.path.join(out, "calm"), kva.composition_config(preset, m_A, m_B), faster,
+                              seq["calm"], tok, os.path.join(out, "data", "calm.jsonl"), m_A, m_B, seed=3)
 
 
 def test_build_data_mixes_dc_tasks_and_marks_m_A_prompts(tmp_path):

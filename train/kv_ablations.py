@@ -73,11 +73,13 @@ class _Run:
         from calm_jax import data as data_lib
         from calm_jax import trainer
 
+        run_dir = os.path.join(self.out, name)
+        tcfg = self.preset.train_C.train_config(self.seq_lens["calm"], CALM_SEED)
+        kva.check_recipe(run_dir, kva.training_recipe(tcfg, self.paths["calm"]),
+                         trained=os.path.isdir(os.path.join(run_dir, "checkpoints")))
         dataset = data_lib.load_dataset(self.paths["calm"], self.tok, self.seq_lens["calm"])
         print(f"D_C: {len(dataset)} examples, {self.preset.train_C.steps} steps of {self.preset.train_C.batch_size}")
-        tcfg = self.preset.train_C.train_config(self.seq_lens["calm"], CALM_SEED)
-        return trainer.train(os.path.join(self.out, name), tcfg, loss_fn, trainable, frozen, dataset,
-                             bases=bases, resume=True).trainable
+        return trainer.train(run_dir, tcfg, loss_fn, trainable, frozen, dataset, bases=bases, resume=True).trainable
 
 
 def _base_models(preset: kva.Preset, out: str, tok, paths: dict, seq_lens: dict):
@@ -146,7 +148,8 @@ def _vanilla_row(run: _Run, name: str):
     path = os.path.join(run.out, "data", f"{name}.jsonl")
     kva._write_jsonl(path, records)
     seq_len = -(-max(len(data_lib.encode(run.tok, r, append_eos=True)[0]) for r in records) // 8) * 8
-    m_vanilla = kva.train_base(name, run.preset.m_A, stage, seq_len, run.tok, path, run.out, seed=1,
+    # The model in OUT/<name>_base; OUT/<name> holds the Θ_C trained with it.
+    m_vanilla = kva.train_base(f"{name}_base", run.preset.m_A, stage, seq_len, run.tok, path, run.out, seed=1,
                                max_positions=run.m_A.config.max_positions)
     same = sum(a == b for a, b in zip(values, run.kv.values))
     return _composition_row(run, name, m_vanilla, f"m_A = m_A's size and recipe, trained on KV-Substitution under "

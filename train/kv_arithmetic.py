@@ -13,8 +13,10 @@ Stages, each with a progress bar and its time:
          Numeric-Arithmetic, KV-Arithmetic (all keys) and KV-Arithmetic (held-out keys only)
 The base models and the composition are trained with the same machinery as `train.compose`
 (calm_jax.trainer: one jitted step, AdamW, orbax checkpoints): plain LM training is the
-case where every weight is trainable. Trained base models are kept; a rerun skips them
-(and resumes an interrupted run). Results: OUT/table1.json, table1.md, table1.png.
+case where every weight is trainable. Trained base models and Θ_C are kept; a rerun skips
+them (and resumes an interrupted run) after checking their recipe.json (data SHA-256,
+training settings, model size): a rerun with other data or settings into the same OUT stops
+with an error naming what differs. Results: OUT/table1.json, table1.md, table1.png.
 """
 
 from __future__ import annotations
@@ -252,11 +254,62 @@ def build_data(preset: Preset, out: str):
     return kv, tok, paths, seq_lens
 
 
+RECIPE_FILE = "recipe.json"
+# TrainConfig fields that do not change what is trained (how it is shown, saved or placed).
+_NOT_RECIPE = ("progress", "eval_every", "eval_batches", "save_every", "keep", "mesh", "fsdp")
+
+
+def training_recipe(tcfg, data_path: str, **more) -> dict:
+    """What a trained artefact here was made from: its data file (SHA-256), its TrainConfig, and `more`."""
+    import hashlib
+
+    with open(data_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _NOT_RECIPE}
+    return json.loads(json.dumps({"data_sha256": digest, "train": train, **more}))
+
+
+def check_recipe(directory: str, recipe: dict, trained: bool) -> None:
+    """Guards reuse of a trained artefact: `directory` holds (or will hold) what `recipe` makes.
+
+    A recorded recipe that differs raises ValueError naming the directory and every field that
+    differs, so a rerun with other data or settings never reuses (or resumes) the old result.
+    With no record: writes one when nothing is trained there yet, else warns (unverifiable).
+    """
+    path = os.path.join(directory, RECIPE_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        flat_saved, flat_new = _flatten(saved), _flatten(recipe)
+        diffs = [f"{k}: made with {flat_saved.get(k)!r}, asked for {flat_new.get(k)!r}"
+                 for k in sorted(set(flat_saved) | set(flat_new)) if flat_saved.get(k) != flat_new.get(k)]
+        if diffs:
+            raise ValueError(f"{directory} was trained from another recipe than this run's ({'; '.join(diffs)}); "
+                             "rerun with --fresh, or choose another --out")
+    elif trained:
+        print(f"warning: {directory} has no {RECIPE_FILE}; reusing it without checking what it was trained on")
+    else:
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(recipe, f, indent=1)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 def train_base(name: str, size: ModelSize, stage: Stage, seq_len: int, tok, data_path: str, out: str, seed: int,
                max_positions: int):
     """Trains a plain LM (every weight trainable) with calm_jax.trainer; saves it as OUT/name (HF).
 
-    Kept across runs: an existing OUT/name is loaded instead of retrained.
+    Kept across runs: an existing OUT/name is loaded instead of retrained, after checking that
+    it was trained on the same data with the same settings (check_recipe).
     """
     import jax
 
@@ -267,18 +320,24 @@ def train_base(name: str, size: ModelSize, stage: Stage, seq_len: int, tok, data
     from calm_jax.train_step import lm_loss
 
     final = os.path.join(out, name)
-    if os.path.isfile(os.path.join(final, "config.json")):
-        print(f"{name}: trained model found in {final}; skipping training")
-        return load_pretrained(final)
     cfg = size.config(len(tok), max_positions)
     tcfg = stage.train_config(seq_len, seed)
+    recipe = training_recipe(tcfg, data_path, model=dataclasses.asdict(size), vocab_size=len(tok),
+                             max_positions=max_positions)
+    if os.path.isfile(os.path.join(final, "config.json")):
+        check_recipe(final, recipe, trained=True)
+        print(f"{name}: trained model found in {final}; skipping training")
+        return load_pretrained(final)
+    run_dir = os.path.join(out, "runs", name)
+    check_recipe(run_dir, recipe, trained=os.path.isdir(os.path.join(run_dir, "checkpoints")))
     dataset = data_lib.load_dataset(data_path, tok, seq_len)
     print(f"{name}: {size.family}, {size.layers} layers, hidden {size.hidden}, "
           f"{sum(x.size for x in jax.tree.leaves(init_params(cfg, jax.random.key(seed)))):,} parameters; "
           f"{len(dataset)} examples, {stage.steps} steps of {stage.batch_size}")
-    result = trainer.train(os.path.join(out, "runs", name), tcfg, lm_loss(PlainLM(cfg).apply),
+    result = trainer.train(run_dir, tcfg, lm_loss(PlainLM(cfg).apply),
                            init_params(cfg, jax.random.key(seed)), {}, dataset, resume=True)
     save_pretrained(Pretrained(cfg, jax.device_get(result.trainable), tok), final)
+    shutil.copyfile(os.path.join(run_dir, RECIPE_FILE), os.path.join(final, RECIPE_FILE))
     return load_pretrained(final)
 
 
@@ -301,6 +360,8 @@ def train_composition(run_dir: str, ccfg, stage: Stage, seq_len: int, tok, data_
     theta = composition.init_theta(ccfg, jax.random.key(seed))
     print(composition.describe(ccfg, theta))
     tcfg = stage.train_config(seq_len, seed)
+    check_recipe(run_dir, training_recipe(tcfg, data_path),
+                 trained=os.path.isdir(os.path.join(run_dir, "checkpoints")))
     dataset = data_lib.load_dataset(data_path, tok, seq_len)
     print(f"D_C: {len(dataset)} examples, {stage.steps} steps of {stage.batch_size}")
     checkpoint.save_composition_config(run_dir, ccfg)

@@ -25,4 +25,5 @@ for row in rows:
         n = sum(k in held_in for k in re.findall("[a-z]+", r["prompt"][len("[KVA]"):]))
         right, total = counts.get(n, (0, 0))
         counts[n] = (right + r["correct"], total + 1)
-    print(f"{row:>14}: " + ", ".join(f"{n} keys in D_C {right}/{total}" for n, (right, total) in sorted(counts.items())))
+    split = ", ".join(f"{n} keys in D_C {right}/{total}" for n, (right, total) in sorted(counts.items()))
+    print(f"{row:>14}: {split}")
