@@ -75,8 +75,7 @@ class _Run:
 
         run_dir = os.path.join(self.out, name)
         tcfg = self.preset.train_C.train_config(self.seq_lens["calm"], CALM_SEED)
-        kva.check_recipe(run_dir, kva.training_recipe(tcfg, self.paths["calm"]),
-                         trained=os.path.isdir(os.path.join(run_dir, "checkpoints")))
+        kva.check_run_recipe(run_dir, kva.training_recipe(tcfg, self.paths["calm"]))
         dataset = data_lib.load_dataset(self.paths["calm"], self.tok, self.seq_lens["calm"])
         print(f"D_C: {len(dataset)} examples, {self.preset.train_C.steps} steps of {self.preset.train_C.batch_size}")
         return trainer.train(run_dir, tcfg, loss_fn, trainable, frozen, dataset, bases=bases, resume=True).trainable

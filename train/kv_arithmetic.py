@@ -294,6 +294,11 @@ def check_recipe(directory: str, recipe: dict, trained: bool) -> None:
             json.dump(recipe, f, indent=1)
 
 
+def check_run_recipe(run_dir: str, recipe: dict) -> None:
+    """check_recipe for a trainer run directory (trained there = it has checkpoints)."""
+    check_recipe(run_dir, recipe, trained=os.path.isdir(os.path.join(run_dir, "checkpoints")))
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for k, v in tree.items():
@@ -329,7 +334,7 @@ def train_base(name: str, size: ModelSize, stage: Stage, seq_len: int, tok, data
         print(f"{name}: trained model found in {final}; skipping training")
         return load_pretrained(final)
     run_dir = os.path.join(out, "runs", name)
-    check_recipe(run_dir, recipe, trained=os.path.isdir(os.path.join(run_dir, "checkpoints")))
+    check_run_recipe(run_dir, recipe)
     dataset = data_lib.load_dataset(data_path, tok, seq_len)
     print(f"{name}: {size.family}, {size.layers} layers, hidden {size.hidden}, "
           f"{sum(x.size for x in jax.tree.leaves(init_params(cfg, jax.random.key(seed)))):,} parameters; "
@@ -360,8 +365,7 @@ def train_composition(run_dir: str, ccfg, stage: Stage, seq_len: int, tok, data_
     theta = composition.init_theta(ccfg, jax.random.key(seed))
     print(composition.describe(ccfg, theta))
     tcfg = stage.train_config(seq_len, seed)
-    check_recipe(run_dir, training_recipe(tcfg, data_path),
-                 trained=os.path.isdir(os.path.join(run_dir, "checkpoints")))
+    check_run_recipe(run_dir, training_recipe(tcfg, data_path))
     dataset = data_lib.load_dataset(data_path, tok, seq_len)
     print(f"D_C: {len(dataset)} examples, {stage.steps} steps of {stage.batch_size}")
     checkpoint.save_composition_config(run_dir, ccfg)
