@@ -21,8 +21,8 @@ from train import kv_arithmetic as kva
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("kv_ablations") / "run")
-    ka.run_ablations("tiny", out)
-    ka.run_sweep("tiny", out)  # reuses the base models the ablations trained
+    ka.run_ablations("tiny", out, workers=1)  # one row after the other, in this process
+    ka.run_sweep("tiny", out, workers=2)  # reuses the base models the ablations trained; 2 worker processes
     return out
 
 
@@ -133,3 +133,32 @@ def test_unseen_eval_sets_drops_base_expressions():
     assert sets["kv_arithmetic_heldout"] == kv.records(kv.eval_heldout[5:], "kv_arithmetic")
     with pytest.raises(ValueError, match="every kv_arithmetic_heldout evaluation expression"):
         ka.unseen_eval_sets(kv, set(kv.eval_heldout))
+
+
+def test_calm_row_and_sweep_point_reuse_the_main_theta(out):
+    # The calm row and the sweep's 20% point are Table 1's Θ_C, trained once, in OUT/calm.
+    assert os.path.isdir(os.path.join(out, "calm", "checkpoints"))
+    assert not os.path.exists(os.path.join(out, "ablations", "calm"))
+    sweep = _load(os.path.join(out, "sweep", "sweep.json"))
+    dirs = {p["held_in_fraction"]: p["theta_dir"] for p in sweep["points"]}
+    assert dirs == {f: "calm" if f == 0.2 else os.path.join("sweep", ka._fraction_name(f), "calm")
+                    for f in ka.SWEEP_FRACTIONS}
+    assert not os.path.exists(os.path.join(out, "sweep", ka._fraction_name(0.2), "calm"))
+    assert sweep["config"]["workers"] == 2
+    for f in ka.SWEEP_FRACTIONS:  # each worker job's output went to its own log
+        log = open(os.path.join(out, "sweep", "logs", f"{ka._fraction_name(f)}.log")).read()
+        assert f"== {ka._fraction_name(f)}" in log
+
+
+def test_failed_worker_job_names_the_job_and_its_log(out):
+    run = ka._setup("tiny", out, "ablations", kva.Timer(), write=False)
+    with pytest.raises(RuntimeError, match=r"ablations job 'no_such_row' failed: KeyError.*no_such_row\.log"):
+        ka._run_jobs("ablations", ["no_such_row"], run, ("tiny", (), out), 2, kva.Timer(), lambda *a: None,
+                     longest_first=["no_such_row"])
+
+
+def test_workers_checked():
+    with pytest.raises(ValueError, match="workers asked for, but this process may use only"):
+        ka._core_sets(len(ka._usable_cores()) + 1)
+    with pytest.raises(SystemExit):
+        kva.main(["--ablations", "--workers", "0"])

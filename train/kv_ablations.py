@@ -1,6 +1,7 @@
 """Ablations (the paper's Table 5) and the held-in-fraction sweep of the key-value arithmetic experiment.
 
     python -m train.kv_ablations [--preset default|paper|tiny] [--out runs/kv_arithmetic] [--ablations] [--sweep]
+                                 [--workers N]
 
 Both reuse the pipeline of `train.kv_arithmetic` (its data, base models in OUT/m_A and
 OUT/m_B, trained there when missing, its training stage preset.train_C on D_C and its
@@ -9,7 +10,8 @@ generation-based exact-match evaluation).
 Ablations (OUT/ablations/ablations.json, .md, .png): every row is trained on the same D_C
 with the same stage and evaluated on the same four sets as Table 1.
   m_A, m_B        the base models alone (nothing trained on D_C)
-  calm            the composition as the preset configures it (retrained here)
+  calm            the composition as the preset configures it: the main run's Θ_C (OUT/calm,
+                  trained there when missing), the same D_C, stage and seed
   random_m_A      m_A replaced by an untrained model of its config
   vanilla_m_A     m_A replaced by a model of its size and recipe trained on KV-Substitution
                   under another key -> value mapping (it knows the format, not the mapping)
@@ -24,7 +26,11 @@ Sweep (OUT/sweep/sweep.json, .md, .png): Θ_C trained on D_C drawn from 5, 10, 2
 the keys, evaluated on KV-Arithmetic over that fraction's held-out keys and over all keys.
 Evaluation expressions that the base models were trained on are dropped (the base models
 only exclude the preset's own evaluation sets); the remaining set sizes are reported.
+The sweep point at the preset's own fraction reuses OUT/calm too.
 Every stage prints its time. Training runs resume (and finished ones are reused) on a rerun.
+On CPU the rows (and sweep points) run side by side in worker processes, one per CPU core,
+each pinned to its core; their output goes to OUT/ablations/logs/<row>.log (OUT/sweep/logs/).
+--workers 1 runs them one after the other in this process.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class _Run:
 
     preset: kva.Preset
     out: str  # the ablation (or sweep) directory
+    main_out: str  # the main run's directory (its m_A, m_B and Θ_C are shared)
     kv: object
     tok: object
     paths: dict
@@ -91,17 +98,18 @@ def _base_models(preset: kva.Preset, out: str, tok, paths: dict, seq_lens: dict)
     return m_A, m_B
 
 
-def _setup(preset_name: str, out: str, sub: str, timer, overrides=()) -> _Run:
+def _setup(preset_name: str, out: str, sub: str, timer, overrides=(), write: bool = True) -> _Run:
+    """The data (written unless `write` is False) and the base models (trained when missing)."""
     from calm_jax.data import read_jsonl
 
     preset = kva.get_preset(preset_name, overrides)
     work = os.path.join(out, sub)
     with timer.stage("data"):
-        kv, tok, paths, seq_lens = kva.build_data(preset, work)
+        kv, tok, paths, seq_lens = kva.build_data(preset, work, write=write)
     with timer.stage("base models"):
         m_A, m_B = _base_models(preset, out, tok, paths, seq_lens)
     eval_sets = {t: read_jsonl(paths[f"eval_{t}"]) for t in kva.EVAL_TASKS}
-    return _Run(preset, work, kv, tok, paths, seq_lens, m_A, m_B, eval_sets)
+    return _Run(preset, work, out, kv, tok, paths, seq_lens, m_A, m_B, eval_sets)
 
 
 # --- ablation rows: each returns (scores, trainable parameter count, note) ---------------------------
@@ -113,12 +121,13 @@ def _plain_row(run: _Run, name: str):
     return run.evaluate(name, PlainLM(model.config), model.params), 0, "base model alone"
 
 
-def _composition_row(run: _Run, name: str, m_A, note: str, **options):
+def _composition_row(run: _Run, name: str, m_A, note: str, run_dir: str | None = None, **options):
+    """Θ_C trained (into run_dir, default OUT/ablations/<name>) with `m_A` as the augmenting model."""
     from calm_jax.composition import ComposedLM, param_count
 
     ccfg = kva.composition_config(run.preset, m_A, run.m_B, **options)
-    theta = kva.train_composition(os.path.join(run.out, name), ccfg, run.preset.train_C, run.seq_lens["calm"],
-                                  run.tok, run.paths["calm"], m_A, run.m_B, seed=CALM_SEED)
+    theta = kva.train_composition(run_dir or os.path.join(run.out, name), ccfg, run.preset.train_C,
+                                  run.seq_lens["calm"], run.tok, run.paths["calm"], m_A, run.m_B, seed=CALM_SEED)
     params = {"theta": theta, "anchor": run.m_B.params, "augments": (m_A.params,)}
     return run.evaluate(name, ComposedLM(ccfg), params), param_count(theta), note
 
@@ -220,7 +229,10 @@ def _option_row(run: _Run, name: str):
 
 
 def _calm_row(run: _Run, name: str):
-    return _composition_row(run, name, run.m_A, "the composition as configured by the preset")
+    # Table 1's Θ_C is this row's: same D_C, stage and seed. Reused from OUT/calm (trained there
+    # when missing); train_composition checks its recipe and wiring first.
+    return _composition_row(run, name, run.m_A, "the composition as configured by the preset (Table 1's Θ_C, "
+                                                "OUT/calm)", run_dir=os.path.join(run.main_out, "calm"))
 
 
 def _row(run: _Run, name: str):
@@ -233,27 +245,37 @@ def _row(run: _Run, name: str):
             "lora_m_B": _lora_row, "finetune_m_B": _finetune_row}[name](run, name)
 
 
-def run_ablations(preset_name: str, out: str, overrides=()) -> dict:
-    """Every ablation row into OUT/ablations; returns the ablations.json content."""
+def run_ablations(preset_name: str, out: str, overrides=(), workers: int | None = None) -> dict:
+    """Every ablation row into OUT/ablations; returns the ablations.json content.
+
+    workers: rows run at once, each in its own process (default_workers: one per CPU core).
+    """
     start = time.perf_counter()
     timer = kva.Timer()
     run = _setup(preset_name, out, "ablations", timer, overrides)
+    workers = default_workers(len(ROWS)) if workers is None else workers
     table = {"trainable_params": {}, "notes": {}, "seconds": timer.seconds,
              "config": {"preset": preset_name, "overrides": list(overrides),
                         **kva.describe_config(run.preset, run.kv, run.seq_lens),
-                        "eval_sizes": {t: len(r) for t, r in run.eval_sets.items()},
+                        "eval_sizes": {t: len(r) for t, r in run.eval_sets.items()}, "workers": workers,
                         "seeds": {"theta": CALM_SEED, "random_m_A": RANDOM_M_A_SEED,
                                   "vanilla_values": VANILLA_VALUES_SEED, "lora": LORA_SEED}}}
-    for name in ROWS:
-        with timer.stage(name):
-            scores, count, note = _row(run, name)
+
+    def done(name, result):
+        scores, count, note = result
         table[name] = scores
         table["trainable_params"][name] = count
         table["notes"][name] = note
         print(f"{name}: " + ", ".join(f"{t} {100 * v:.1f}%" for t, v in scores.items())
               + f"; {count:,} trainable; {timer.seconds[name]:.1f}s", flush=True)
         _write_json(os.path.join(run.out, "ablations.json"), table)
+
+    _run_jobs("ablations", ROWS, run, (preset_name, tuple(overrides), out), workers, timer, done,
+              longest_first=_COST_ORDER)
     timer.seconds["total"] = round(time.perf_counter() - start, 1)
+    table = {**{name: table[name] for name in ROWS}, **{k: v for k, v in table.items() if k not in ROWS}}
+    table["trainable_params"] = {name: table["trainable_params"][name] for name in ROWS}
+    table["notes"] = {name: table["notes"][name] for name in ROWS}
     _write_json(os.path.join(run.out, "ablations.json"), table)
     md = ablations_markdown(table)
     with open(os.path.join(run.out, "ablations.md"), "w") as f:
@@ -306,6 +328,125 @@ def plot_ablations(table: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
+# --- running rows (or sweep points) side by side -------------------------------------------------------
+# On CPU these small models keep two cores only partly busy: two rows in two processes, one core
+# each, finish sooner than the same rows one after the other on both cores.
+
+# ROWS, longest first (results/kv_arithmetic/ablations), so that no long row starts last.
+_COST_ORDER = ("finetune_m_B", "lora_m_B", "vanilla_m_A", "gate", "zero_init_out", "query_norm", "encoder_m_A",
+               "cross_rope", "random_m_A", "calm", "m_A", "m_B")
+
+
+def default_workers(jobs: int) -> int:
+    """One worker process per usable CPU core (at most `jobs`) on CPU; 1 on an accelerator."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return 1
+    return max(1, min(jobs, len(_usable_cores())))
+
+
+def _usable_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def _core_sets(workers: int) -> list:
+    """Disjoint CPU core lists, one per worker (None each: not pinned, when not on CPU)."""
+    import jax
+
+    if jax.default_backend() != "cpu" or not hasattr(os, "sched_setaffinity"):
+        return [None] * workers
+    cores = _usable_cores()
+    if workers > len(cores):
+        raise ValueError(f"{workers} workers asked for, but this process may use only {len(cores)} CPU cores")
+    return [cores[i * len(cores) // workers:(i + 1) * len(cores) // workers] for i in range(workers)]
+
+
+def _job(kind: str, run: _Run, name: str):
+    if kind == "ablations":
+        return _row(run, name)
+    return _sweep_point(run, _FRACTIONS_BY_NAME[name], _base_expressions(run))
+
+
+def _run_jobs(kind: str, names, run: _Run, setup_args: tuple, workers: int, timer, done, longest_first) -> None:
+    """done(name, _job(kind, run, name)) for every name: in this process one after the other
+    (workers <= 1), or in `workers` processes, each pinned to its own CPU cores, started in the
+    order `longest_first`. Each worker loads the data and base models `run` holds (setup_args:
+    preset name, overrides, OUT) and writes its output to OUT/<kind>/logs/<name>.log."""
+    if workers <= 1:
+        for name in names:
+            with timer.stage(name):
+                result = _job(kind, run, name)
+            done(name, result)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    cores = _core_sets(workers)
+    logs = os.path.join(run.out, "logs")
+    print(f"{kind}: {len(names)} jobs in {workers} worker processes"
+          + (f" (cores {', '.join(map(str, cores))})" if cores[0] is not None else "")
+          + f"; the output of each: {logs}/<name>.log", flush=True)
+    context = multiprocessing.get_context("spawn")  # a forked JAX runtime is not safe to use
+    queue = context.Queue()
+    for c in cores:
+        queue.put(c)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                                initargs=(queue,)) as pool, \
+            tqdm(total=len(names), desc=kind, unit="job", dynamic_ncols=True) as bar:
+        futures = {pool.submit(_worker_job, kind, *setup_args, name, os.path.join(logs, f"{name}.log")): name
+                   for name in longest_first}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                name = futures[future]
+                try:
+                    result, seconds = future.result()
+                except Exception as e:
+                    raise RuntimeError(f"{kind} job {name!r} failed: {type(e).__name__}: {e} "
+                                       f"(its output: {os.path.join(logs, name + '.log')})") from e
+                timer.seconds[name] = seconds
+                bar.update(1)
+                bar.set_postfix_str(name)
+                done(name, result)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the jobs not started yet; running ones finish (resumable)
+            raise
+
+
+def _worker_init(queue) -> None:
+    cores = queue.get()
+    if cores is not None:
+        os.sched_setaffinity(0, cores)  # before JAX starts, so that its thread pools match
+    os.environ.setdefault("TQDM_MININTERVAL", "10")  # bars go to a log file: a line per 10 s
+
+
+_WORKER_RUNS: dict = {}  # per worker process: the _Run of each (kind, preset, overrides, OUT)
+
+
+def _worker_job(kind: str, preset_name: str, overrides: tuple, out: str, name: str, log: str):
+    """One job in a worker process, its output (Python's and the runtime's) into `log`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        key = (kind, preset_name, overrides, out)
+        if key not in _WORKER_RUNS:
+            _WORKER_RUNS[key] = _setup(preset_name, out, kind, kva.Timer(), overrides, write=False)
+        with kva.Timer().stage(name):
+            start = time.perf_counter()
+            result = _job(kind, _WORKER_RUNS[key], name)
+        return result, round(time.perf_counter() - start, 1)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
 # --- the held-in fraction sweep ---------------------------------------------------------------------
 
 def unseen_eval_sets(kv, base_exprs: set) -> tuple[dict, dict]:
@@ -327,6 +468,14 @@ def _fraction_name(fraction: float) -> str:
     return f"held_in_{100 * fraction:g}pct"
 
 
+_FRACTIONS_BY_NAME = {_fraction_name(f): f for f in SWEEP_FRACTIONS}
+
+
+def _base_expressions(run: _Run) -> set:
+    """Every expression m_A or m_B was trained on, drawn as build_data draws them."""
+    return set(run.kv.train_expressions(max(run.preset.train_A.examples, run.preset.train_B.examples)))
+
+
 def _sweep_point(run: _Run, fraction: float, base_exprs: set) -> dict:
     from calm_jax.composition import ComposedLM
     from calm_jax.data import read_jsonl
@@ -346,36 +495,46 @@ def _sweep_point(run: _Run, fraction: float, base_exprs: set) -> dict:
     print(f"held-in {100 * fraction:g}%: {len(kv.held_in)} held-in keys, {len(kv.held_out)} held-out; evaluation "
           + ", ".join(f"{t} {len(r)} ({dropped[t]} dropped: in the base models' data)" for t, r in eval_sets.items()))
     ccfg = kva.composition_config(run.preset, run.m_A, run.m_B)
-    theta = kva.train_composition(os.path.join(work, "calm"), ccfg, run.preset.train_C, seq_lens["calm"], run.tok,
-                                  paths["calm"], run.m_A, run.m_B, seed=CALM_SEED)
+    # At the preset's own fraction, D_C is Table 1's: its Θ_C (OUT/calm) is reused (recipe-checked).
+    theta_dir = os.path.join(run.main_out if fraction == run.preset.task.held_in_fraction else work, "calm")
+    theta = kva.train_composition(theta_dir, ccfg, run.preset.train_C, seq_lens["calm"], run.tok, paths["calm"],
+                                  run.m_A, run.m_B, seed=CALM_SEED)
     point = dataclasses.replace(run, out=work, eval_sets=eval_sets)
     scores = point.evaluate(f"calm-{_fraction_name(fraction)}", ComposedLM(ccfg),
                             {"theta": theta, "anchor": run.m_B.params, "augments": (run.m_A.params,)})
     dc_prompts = [r["prompt"] for r in read_jsonl(paths["calm"])]
     return {"held_in_fraction": fraction, "held_in_keys": len(kv.held_in), "held_out_keys": len(kv.held_out),
             "dc_examples": len(dc_prompts), "dc_distinct": len(set(dc_prompts)), **scores,
+            "theta_dir": os.path.relpath(theta_dir, run.main_out),
             "eval_sizes": {t: len(r) for t, r in eval_sets.items()}, "eval_dropped": dropped}
 
 
-def run_sweep(preset_name: str, out: str, overrides=()) -> dict:
-    """Θ_C per held-in key fraction (SWEEP_FRACTIONS) into OUT/sweep; returns the sweep.json content."""
+def run_sweep(preset_name: str, out: str, overrides=(), workers: int | None = None) -> dict:
+    """Θ_C per held-in key fraction (SWEEP_FRACTIONS) into OUT/sweep; returns the sweep.json content.
+
+    workers: points run at once, each in its own process (default_workers).
+    """
     start = time.perf_counter()
     timer = kva.Timer()
     run = _setup(preset_name, out, "sweep", timer, overrides)
-    # Every expression m_A or m_B was trained on, drawn as build_data draws them.
-    base_exprs = set(run.kv.train_expressions(max(run.preset.train_A.examples, run.preset.train_B.examples)))
-    points = []
-    for fraction in SWEEP_FRACTIONS:
-        with timer.stage(_fraction_name(fraction)):
-            points.append(_sweep_point(run, fraction, base_exprs))
-        points[-1]["seconds"] = timer.seconds[_fraction_name(fraction)]
-        print(f"held-in {100 * fraction:g}%: " + ", ".join(f"{t} {100 * points[-1][t]:.1f}%" for t in SWEEP_TASKS)
-              + f"; {points[-1]['seconds']:.1f}s", flush=True)
+    names = [_fraction_name(f) for f in SWEEP_FRACTIONS]
+    workers = default_workers(len(names)) if workers is None else workers
+    points = {}
+
+    def done(name, point):
+        points[name] = {**point, "seconds": timer.seconds[name]}
+        print(f"held-in {100 * point['held_in_fraction']:g}%: "
+              + ", ".join(f"{t} {100 * point[t]:.1f}%" for t in SWEEP_TASKS) + f"; {timer.seconds[name]:.1f}s",
+              flush=True)
+
+    reused = _fraction_name(run.preset.task.held_in_fraction)  # evaluation only: last
+    _run_jobs("sweep", names, run, (preset_name, tuple(overrides), out), workers, timer, done,
+              longest_first=sorted(names, key=lambda n: n == reused))
     timer.seconds["total"] = round(time.perf_counter() - start, 1)
-    sweep = {"points": points, "seconds": timer.seconds,
+    sweep = {"points": [points[name] for name in names], "seconds": timer.seconds,
              "config": {"preset": preset_name, "overrides": list(overrides),
-                        **kva.describe_config(run.preset, run.kv, run.seq_lens),
-                        "fractions": list(SWEEP_FRACTIONS), "base_model_expressions": len(base_exprs)}}
+                        **kva.describe_config(run.preset, run.kv, run.seq_lens), "workers": workers,
+                        "fractions": list(SWEEP_FRACTIONS), "base_model_expressions": len(_base_expressions(run))}}
     _write_json(os.path.join(run.out, "sweep.json"), sweep)
     md = sweep_markdown(sweep)
     with open(os.path.join(run.out, "sweep.md"), "w") as f:
@@ -435,12 +594,16 @@ def main(argv=None) -> int:
                         help="the main run's directory (its m_A, m_B are reused)")
     parser.add_argument("--ablations", action="store_true", help="only the ablations (default: both)")
     parser.add_argument("--sweep", action="store_true", help="only the held-in fraction sweep (default: both)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="rows run at once, each in its own process (default: one per CPU core on CPU)")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be >= 1, found {args.workers}")
     both = not (args.ablations or args.sweep)
     if args.ablations or both:
-        run_ablations(args.preset, args.out)
+        run_ablations(args.preset, args.out, workers=args.workers)
     if args.sweep or both:
-        run_sweep(args.preset, args.out)
+        run_sweep(args.preset, args.out, workers=args.workers)
     return 0
 
 

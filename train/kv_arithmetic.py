@@ -1,7 +1,7 @@
 """Key-value arithmetic (paper §4.1, Table 1) end to end; what `make demo` runs.
 
     python -m train.kv_arithmetic [--preset default|paper|tiny] [--out runs/kv_arithmetic] [--fresh]
-    python -m train.kv_arithmetic --ablations | --sweep    (train.kv_ablations: Table 5, held-in sweep)
+    python -m train.kv_arithmetic --ablations | --sweep [--workers N]   (train.kv_ablations: Table 5, held-in sweep)
     python -m train.kv_arithmetic --set train_B.steps=2250 --set connections='((1,3),)' --out runs/variant
 
 Stages, each with a progress bar and its time:
@@ -221,8 +221,11 @@ def m_A_records(kv, exprs) -> list[dict]:
     return kv_task.with_random_markers(kv.records(exprs, "kv_substitution"), kv.config, seed=1)
 
 
-def build_data(preset: Preset, out: str):
-    """D_KV, the tokenizer and every JSONL file of the run. Returns (KVData, tokenizer, paths, seq_lens)."""
+def build_data(preset: Preset, out: str, write: bool = True):
+    """D_KV, the tokenizer and every JSONL file of the run. Returns (KVData, tokenizer, paths, seq_lens).
+
+    write=False: the same, without (re)writing the files (another process wrote them).
+    """
     from calm_jax import data as data_lib
     from calm_jax import kv_task
 
@@ -247,7 +250,8 @@ def build_data(preset: Preset, out: str):
     paths = {}
     for name, records in files.items():
         paths[name] = os.path.join(out, "data", f"{name}.jsonl")
-        _write_jsonl(paths[name], records)
+        if write:
+            _write_jsonl(paths[name], records)
     # Per training file: the longest example, rounded up to a multiple of 8.
     seq_lens = {name: -(-max(len(data_lib.encode(tok, r, append_eos=True)[0]) for r in files[name]) // 8) * 8
                 for name in ("m_A", "m_B", "calm")}
@@ -523,7 +527,12 @@ def main(argv=None) -> int:
                         help="the ablations (Table 5 analogue) into DIR/ablations instead of Table 1")
     parser.add_argument("--sweep", action="store_true",
                         help="the held-in key fraction sweep into DIR/sweep instead of Table 1")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="with --ablations/--sweep: rows run at once, each in its own process pinned to its "
+                             "own CPU cores (default: one per core on CPU, 1 on an accelerator)")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be >= 1, found {args.workers}")
     try:
         get_preset(args.preset, args.overrides)
     except (ValueError, TypeError) as e:
@@ -533,9 +542,9 @@ def main(argv=None) -> int:
         if args.fresh and os.path.isdir(args.out):
             shutil.rmtree(args.out)
         if args.ablations:
-            kv_ablations.run_ablations(args.preset, args.out, args.overrides)
+            kv_ablations.run_ablations(args.preset, args.out, args.overrides, args.workers)
         if args.sweep:
-            kv_ablations.run_sweep(args.preset, args.out, args.overrides)
+            kv_ablations.run_sweep(args.preset, args.out, args.overrides, args.workers)
         return 0
     run(args.preset, args.out, args.fresh, args.overrides)
     return 0
