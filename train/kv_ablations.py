@@ -409,7 +409,8 @@ def _run_jobs(kind: str, names, run: _Run, setup_args: tuple, workers: int, time
                 timer.seconds[name] = seconds
                 bar.update(1)
                 bar.set_postfix_str(name)
-                done(name, result)
+                with tqdm.external_write_mode():  # done() prints a line; keep it off the bar's
+                    done(name, result)
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the jobs not started yet; running ones finish (resumable)
             raise
