@@ -439,10 +439,10 @@ def _worker_job(kind: str, preset_name: str, overrides: tuple, out: str, name: s
         key = (kind, preset_name, overrides, out)
         if key not in _WORKER_RUNS:
             _WORKER_RUNS[key] = _setup(preset_name, out, kind, kva.Timer(), overrides, write=False)
-        with kva.Timer().stage(name):
-            start = time.perf_counter()
+        timer = kva.Timer()
+        with timer.stage(name):
             result = _job(kind, _WORKER_RUNS[key], name)
-        return result, round(time.perf_counter() - start, 1)
+        return result, timer.seconds[name]
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
