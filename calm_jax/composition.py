@@ -330,7 +330,7 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
             if kv is None:
                 kv = list(zip(cache.cross_k[m], cache.cross_v[m]))
             else:
-                kv = [tuple(jax.lax.dynamic_update_slice(old, x.astype(old.dtype), (0, cache.anchor.index, 0, 0))
+                kv = [tuple(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), cache.anchor.index, 1)
                             for old, x in zip(olds, new))
                       for olds, new in zip(zip(cache.cross_k[m], cache.cross_v[m]), kv)]
             new_aug_caches.append(aug_cache)

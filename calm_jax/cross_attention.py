@@ -69,7 +69,8 @@ class CrossAttention(nn.Module):
             return x_BxTxHxK
         if pos_BxT is None:
             raise ValueError("cross-attention with RoPE needs the tokens' positions")
-        return apply_rope(x_BxTxHxK, *rope_tables(pos_BxT, default_inv_freq(self.head_dim, self.rope_theta)))
+        return apply_rope(x_BxTxHxK, *rope_tables(pos_BxT, default_inv_freq(self.head_dim, self.rope_theta),
+                                                    self.dtype))
 
     def keys_values(self, h_BxSxE, pos_BxS=None):
         """Augmenting layer output h_BxSxE (E = D_A) -> (k_BxSxHxK, v_BxSxHxK) of f_proj(h).

@@ -60,6 +60,15 @@ class LMOutput:
     cache: KVCache | None = None
 
 
+def accum_dtype(dtype) -> jnp.dtype:
+    """The dtype softmax, norms, RoPE and logits are computed in: at least float32.
+
+    bf16/fp16 models upcast there, as HF does; a float64 model (the tests' exact
+    reference) stays float64 instead of being rounded to float32 midway.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
     """An empty cache of `length` slots. Decoding must not write past `length`."""
     dtype = jnp.dtype(dtype or cfg.dtype)
@@ -71,12 +80,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
 
 
 def multihead_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: float):
-    """Grouped-query attention with fp32 scores and softmax. Returns out_BxTxHxK."""
+    """Grouped-query attention with scores and softmax in `accum_dtype`. Returns out_BxTxHxK."""
     b, t, h, kd = q_BxTxHxK.shape
     g = k_BxSxGxK.shape[2]
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kd)
     s_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
-                             preferred_element_type=jnp.float32) * scale
+                             preferred_element_type=accum_dtype(q_BxTxHxK.dtype)) * scale
     s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxRxTxS, masks.NEG_INF)
     p_BxGxRxTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
     out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxSxGxK)
@@ -106,9 +115,10 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def rope_tables(positions_BxT, inv_freq_K2):
-    """(cos_BxTxK, sin_BxTxK) for RoPE at integer positions (fp32)."""
-    freqs_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_K2)
+def rope_tables(positions_BxT, inv_freq_K2, dtype=jnp.float32):
+    """(cos_BxTxK, sin_BxTxK) for RoPE at integer positions, in `accum_dtype(dtype)`."""
+    dtype = accum_dtype(dtype)
+    freqs_BxTxK2 = positions_BxT[..., None].astype(dtype) * jnp.asarray(inv_freq_K2, dtype)
     freqs_BxTxK = jnp.concatenate([freqs_BxTxK2, freqs_BxTxK2], axis=-1)
     return jnp.cos(freqs_BxTxK), jnp.sin(freqs_BxTxK)
 
@@ -116,7 +126,8 @@ def rope_tables(positions_BxT, inv_freq_K2):
 def apply_rope(x_BxTxHxK, cos_BxTxK, sin_BxTxK):
     half = x_BxTxHxK.shape[-1] // 2
     rotated = jnp.concatenate([-x_BxTxHxK[..., half:], x_BxTxHxK[..., :half]], axis=-1)
-    out = x_BxTxHxK.astype(jnp.float32) * cos_BxTxK[:, :, None] + rotated.astype(jnp.float32) * sin_BxTxK[:, :, None]
+    dtype = accum_dtype(x_BxTxHxK.dtype)
+    out = x_BxTxHxK.astype(dtype) * cos_BxTxK[:, :, None] + rotated.astype(dtype) * sin_BxTxK[:, :, None]
     return out.astype(x_BxTxHxK.dtype)
 
 
@@ -135,9 +146,10 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         init = nn.initializers.zeros if self.offset else nn.initializers.ones
         scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
+        acc = accum_dtype(x.dtype)
+        xa = x.astype(acc)
+        y = xa * jax.lax.rsqrt(jnp.mean(xa * xa, axis=-1, keepdims=True) + self.eps)
+        return (y * (self.offset + scale.astype(acc))).astype(self.dtype)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -168,8 +180,8 @@ class Attention(nn.Module):
         new_kv = None
         if kv is not None:
             k_cache, v_cache = kv
-            k_BxTxGxK = jax.lax.dynamic_update_slice(k_cache, k_BxTxGxK.astype(k_cache.dtype), (0, index, 0, 0))
-            v_BxTxGxK = jax.lax.dynamic_update_slice(v_cache, v_BxTxGxK.astype(v_cache.dtype), (0, index, 0, 0))
+            k_BxTxGxK = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxGxK.astype(k_cache.dtype), index, axis=1)
+            v_BxTxGxK = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxGxK.astype(v_cache.dtype), index, axis=1)
             new_kv = (k_BxTxGxK, v_BxTxGxK)
         out_BxTxHxK = multihead_attention(q_BxTxHxK, k_BxTxGxK.astype(q_BxTxHxK.dtype),
                                           v_BxTxGxK.astype(q_BxTxHxK.dtype), mask_BxTxS, cfg.scale)
@@ -228,7 +240,7 @@ class Decoder(nn.Module):
                                          name="pos_embed")(jnp.minimum(positions_BxT, cfg.max_positions - 1))
         rope = None
         if cfg.position == "rope":
-            rope = rope_tables(positions_BxT, rope_inv_freq(cfg))
+            rope = rope_tables(positions_BxT, rope_inv_freq(cfg), cfg.dtype)
 
         if cache is None:
             q_slot_T = k_slot_S = jnp.arange(t)
@@ -237,8 +249,8 @@ class Decoder(nn.Module):
             index = cache.index
             q_slot_T = index + jnp.arange(t)
             k_slot_S = jnp.arange(cache.length)
-            k_valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, mask_BxT, (0, index))
-            k_pos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, positions_BxT.astype(jnp.int32), (0, index))
+            k_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxT, index, axis=1)
+            k_pos_BxS = jax.lax.dynamic_update_slice_in_dim(cache.pos_BxS, positions_BxT.astype(jnp.int32), index, 1)
         full_mask = masks.attention_mask(q_slot_T, k_slot_S, k_valid_BxS)
         window_mask = None
         if cfg.sliding_window is not None:
@@ -276,7 +288,7 @@ class Decoder(nn.Module):
                 logits_BxTxV = embed.attend(h_BxTxD)
             else:
                 logits_BxTxV = _dense(cfg, cfg.vocab_size, False, "lm_head")(h_BxTxD)
-            logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+            logits_BxTxV = logits_BxTxV.astype(accum_dtype(logits_BxTxV.dtype))
         return LMOutput(logits_BxTxV=logits_BxTxV, taps=tapped, cache=new_cache)
 
 

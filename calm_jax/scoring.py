@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import data
+from calm_jax.model import accum_dtype
 
 MIN_BUCKET = 16
 
@@ -29,7 +30,7 @@ def bucket_length(n: int, max_positions: int) -> int:
 @jax.jit
 def _target_logprobs(logits_BxTxV, tokens_BxT, flags_BxT):
     """Per row: the summed log-probability of flagged tokens, each predicted from the slot before."""
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(accum_dtype(logits_BxTxV.dtype)), axis=-1)
     logp_BxT = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
     return jnp.where(flags_BxT[:, 1:], logp_BxT, 0.0).sum(-1)
 

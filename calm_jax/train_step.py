@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from calm_jax.model import accum_dtype
+
 Batch = dict  # {"tokens_BxT": int32, "mask_BxT": bool, "target_BxT": bool}
 LossFn = Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]
 
@@ -30,11 +32,12 @@ LossFn = Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]
 def next_token_loss(logits_BxTxV, tokens_BxT, target_BxT):
     """Summed cross-entropy of predicting token t+1 at position t, where token t+1 is a target.
 
-    fp32 log-softmax. Returns (loss_sum, n_tokens), both fp32 scalars.
+    Log-softmax in at least fp32. Returns (loss_sum, n_tokens), scalars of that dtype.
     """
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    dtype = accum_dtype(logits_BxTxV.dtype)
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(dtype), axis=-1)
     nll_BxT = -jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    w_BxT = target_BxT[:, 1:].astype(jnp.float32)
+    w_BxT = target_BxT[:, 1:].astype(dtype)
     return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT)
 
 
@@ -107,9 +110,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
                 loss_sum, n, grads = grads_of(trainable, frozen, micro)
                 return jax.tree.map(jnp.add, carry, (loss_sum, n, grads)), None
 
-            zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                     jax.tree.map(jnp.zeros_like, trainable))
-            (loss_sum, n, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+            split_batch = jax.tree.map(split, batch)
+            sums = jax.eval_shape(grads_of, trainable, frozen, jax.tree.map(lambda x: x[0], split_batch))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums)
+            (loss_sum, n, grads), _ = jax.lax.scan(body, zeros, split_batch)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)

@@ -18,39 +18,52 @@ from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, 
 from calm_jax.cross_attention import GATE_INIT
 from calm_jax.model import forward, init_params, param_shapes
 from calm_jax.train_step import next_token_loss
+from tests import numerics
+from tests.numerics import assert_identity
 
+# Every model here is float64 and every test runs under `numerics.float64()` (the autouse
+# fixture below): the equalities tested are identities, checked to float64 reordering
+# (tests/numerics.py says why that holds on any machine). One test checks float32.
+F64 = dict(dtype="float64", param_dtype="float64")
 V = 64
 ANCHOR = ModelConfig(family="llama", vocab_size=V, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
-                     head_dim=8, intermediate_size=48, max_positions=64)
+                     head_dim=8, intermediate_size=48, max_positions=64, **F64)
 AUG_LLAMA = ModelConfig(family="llama", vocab_size=V, hidden_size=16, num_layers=8, num_heads=2, num_kv_heads=1,
-                        head_dim=8, intermediate_size=32, max_positions=64)
+                        head_dim=8, intermediate_size=32, max_positions=64, **F64)
 AUG_GPT2 = ModelConfig(family="gpt2", vocab_size=V, hidden_size=24, num_layers=4, num_heads=4, num_kv_heads=4,
                        head_dim=6, intermediate_size=48, max_positions=48, norm="layer", norm_eps=1e-5, mlp="plain",
                        activation="gelu_new", qkv_bias=True, o_bias=True, mlp_bias=True, position="learned",
-                       tie_embeddings=True)
+                       tie_embeddings=True, **F64)
 # Augment 0 takes the paper's default ((3, 1), (7, 3)); augment 1 also feeds anchor layers 1 and 3,
 # so both kinds of "terms add up" are exercised.
-CCFG = CompositionConfig(ANCHOR, (AUG_LLAMA, AUG_GPT2), connections=(None, ((1, 1), (3, 3))))
+CCFG = CompositionConfig(ANCHOR, (AUG_LLAMA, AUG_GPT2), connections=(None, ((1, 1), (3, 3))), dtype="float64")
 B, T = 4, 12
 
 fwd = jax.jit(composed_forward, static_argnums=(0,), static_argnames=("encoder_mode",))
 anchor_fwd = jax.jit(forward, static_argnums=(0,))
 
 
-def _frozen_params(cfg, seed):
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    with numerics.float64():
+        yield
+
+
+def _frozen_params(cfg, seed, std=0.3):
     """Random frozen weights, drawn in numpy (jax.random would compile a kernel per shape):
     large enough (std 0.3) that every layer visibly changes the stream; norm scales near 1."""
     rng = np.random.default_rng(seed)
 
     def draw(path, x):
         base = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
-        return jnp.asarray(base + 0.3 * rng.standard_normal(x.shape), x.dtype)
+        return jnp.asarray(base + std * rng.standard_normal(x.shape), x.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
 
 
 @pytest.fixture(scope="module")
-def params():
+def params(x64):
+    assert jnp.zeros(()).dtype == jnp.float64, "x64 must be on before the parameters are drawn"
     return {"theta": init_theta(CCFG, jax.random.key(0)), "anchor": _frozen_params(ANCHOR, 1),
             "augments": (_frozen_params(AUG_LLAMA, 2), _frozen_params(AUG_GPT2, 3))}
 
@@ -244,7 +257,7 @@ def test_zero_output_projection_gives_the_anchor(params, batch):
     zero_o = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.zeros_like(x) if path[-2].key == "o" else x, params["theta"])
     composed = fwd(CCFG, {**params, "theta": zero_o}, tokens, mask).logits_BxTxV
-    np.testing.assert_allclose(composed, anchor, atol=1e-6, rtol=0)
+    assert_identity(composed, anchor)
 
 
 def test_each_augmenting_model_contributes(params, batch):
@@ -261,7 +274,7 @@ def test_each_augmenting_model_contributes(params, batch):
         assert np.abs(np.where(real, outs[-1] - full, 0)).max() > 1e-2, f"augmenting model {m} changes nothing"
         assert np.abs(np.where(real, outs[-1] - anchor, 0)).max() > 1e-2, f"augmenting model {1 - m} changes nothing"
     both_zero = fwd(CCFG, {**params, "theta": _zeros_like(params["theta"])}, tokens, mask).logits_BxTxV
-    np.testing.assert_allclose(both_zero, anchor, atol=1e-6)
+    assert_identity(both_zero, anchor)
 
 
 def test_no_leakage_from_later_tokens(params, batch):
@@ -287,7 +300,7 @@ def test_padding_invariance_and_fully_padded_row(params, batch):
     # Rows 1 and 2 have 9 real tokens each: together they make an unpadded batch.
     alone = fwd(CCFG, params, np.stack([tokens[1][mask[1]], tokens[2][mask[2]]]), None).logits_BxTxV
     for row in (1, 2):
-        np.testing.assert_allclose(out[row][mask[row]], alone[row - 1], atol=2e-5, rtol=1e-5)
+        assert_identity(out[row][mask[row]], alone[row - 1])
 
 
 def test_gradients_reach_theta_only(params, batch):
@@ -309,7 +322,7 @@ def test_gradients_reach_theta_only(params, batch):
     for name in ("anchor", "augments"):
         for path, g in jax.tree_util.tree_leaves_with_path(g_all[name]):
             assert not np.any(g), f"frozen {name}{jax.tree_util.keystr(path)} got a gradient"
-    chex.assert_trees_all_close(g_all["theta"], g_theta, atol=1e-6)
+    numerics.assert_trees_identity(g_all["theta"], g_theta)
 
 
 def test_options_forward_is_finite_and_differs(params, batch):
@@ -369,7 +382,7 @@ def test_cached_iterative_equals_uncached(params, decode_batch):
     full = fwd(CCFG, params, tokens, mask).logits_BxTxV
     lm = ComposedLM(CCFG)
     cached, caches = _decode(lm, params, tokens, mask, CHUNKS)
-    np.testing.assert_allclose(np.where(mask[..., None], cached, 0), np.where(mask[..., None], full, 0), atol=2e-5)
+    assert_identity(cached, full, where=mask[..., None])
     last = caches[-1]
     assert isinstance(last, ComposedCache) and not last.augments_done
     assert int(last.anchor.index) == T and all(int(c.index) == T for c in last.augments)
@@ -379,6 +392,36 @@ def test_cached_iterative_equals_uncached(params, decode_batch):
             np.testing.assert_array_equal(before[:, :PROMPT], after[:, :PROMPT])
 
 
+def test_float32_forward_and_cache_match_the_float64_reference(decode_batch):
+    """The float32 path computes the same function: its full and cached logits against float64.
+
+    Weights at HF's initializer range (std 0.02), where rounding is not amplified layer by
+    layer. Bound: 64 float32 units of the logit scale, i.e. a few roundings for each of the
+    ~16 normalised layers the signal passes through, each adding its share linearly (seen:
+    2 units on AVX-512; with std 0.3 weights the amplification reached 150 units on
+    another CPU, which is why the identities above run in float64). A float32 bug (a cast
+    to 16 bits, a lost upcast) is off by 2**-8 of the scale or more.
+    """
+    tokens, mask, _ = decode_batch
+    frozen64 = {"anchor": _frozen_params(ANCHOR, 1, std=0.02),
+                "augments": (_frozen_params(AUG_LLAMA, 2, std=0.02), _frozen_params(AUG_GPT2, 3, std=0.02))}
+    theta64 = jax.tree.map(lambda x: x * 0.5, init_theta(CCFG, jax.random.key(0)))
+    params64 = {"theta": theta64, **frozen64}
+    ref = fwd(CCFG, params64, tokens, mask).logits_BxTxV
+    f32 = dict(dtype="float32", param_dtype="float32")
+    ccfg32 = dataclasses.replace(CCFG, anchor=ANCHOR.replace(**f32),
+                                 augments=tuple(a.replace(**f32) for a in CCFG.augments), dtype="float32")
+    params32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params64)
+    full = fwd(ccfg32, params32, tokens, mask).logits_BxTxV
+    cached, _ = _decode(ComposedLM(ccfg32), params32, tokens, mask, CHUNKS)
+    assert full.dtype == cached.dtype == jnp.float32
+    real = mask[..., None]
+    bound = numerics.fp32_atol(ref, 64, where=real)
+    for name, got in (("full", full), ("cached", cached)):
+        err = numerics.scale(np.asarray(got, np.float64) - ref, where=real)
+        assert err <= bound, f"float32 {name} forward: max error {err:.3g} > {bound:.3g}"
+
+
 def test_encoder_mode_keeps_augmenting_states_fixed(params, decode_batch):
     tokens, mask, prompt_mask = decode_batch
     lm = ComposedLM(CCFG, encoder_mode=True)
@@ -386,11 +429,10 @@ def test_encoder_mode_keeps_augmenting_states_fixed(params, decode_batch):
     # The documented semantics: the uncached forward with the augmenting models shown only the prompt.
     reference = fwd(CCFG, params, tokens, mask, augment_mask_BxT=prompt_mask).logits_BxTxV
     real = mask[..., None]
-    np.testing.assert_allclose(np.where(real, cached, 0), np.where(real, reference, 0), atol=2e-5)
+    assert_identity(cached, reference, where=real)
     # ... which is not what iterative decoding gives: refreshed states would change the decoded positions.
     iterative = fwd(CCFG, params, tokens, mask).logits_BxTxV
-    np.testing.assert_allclose(np.where(real, cached, 0)[:, :PROMPT], np.where(real, iterative, 0)[:, :PROMPT],
-                               atol=2e-5)
+    assert_identity(cached[:, :PROMPT], iterative[:, :PROMPT], where=real[:, :PROMPT])
     assert np.abs(cached[:, PROMPT:] - iterative[:, PROMPT:]).max(axis=(1, 2)).min() > 1e-2
     # The augmenting caches and cross k/v stay as the prefill left them.
     assert all(c.augments_done for c in caches)
@@ -410,7 +452,7 @@ def test_encoder_mode_loss_trains_what_encoder_decoding_computes(params, decode_
     # Encoder-mode decoding equals the forward with the prompt as augment mask (tested above).
     reference = fwd(CCFG, params, tokens, mask, augment_mask_BxT=prompt_mask).logits_BxTxV
     want_sum, want_n = next_token_loss(reference, tokens, batch["target_BxT"])
-    np.testing.assert_allclose(loss_sum, want_sum, rtol=1e-5)
+    assert_identity(loss_sum, want_sum)
     assert n == want_n == (mask & ~prompt_mask)[:, 1:].sum()
     iterative_sum, _ = next_token_loss(fwd(CCFG, params, tokens, mask).logits_BxTxV, tokens, batch["target_BxT"])
     assert abs(float(iterative_sum) - float(loss_sum)) > 1e-3
@@ -453,16 +495,14 @@ def test_cross_rope_no_leakage_and_padding_invariance(params, batch):
     np.testing.assert_array_equal(np.where(real, out[:, :6], 0), np.where(real, base[:, :6], 0))
     # Row 1 (left-padded by 3) alone and unpadded: RoPE positions count real tokens only.
     alone = fwd(ROPE_CCFG, params, tokens[1:2, 3:], mask[1:2, 3:]).logits_BxTxV
-    np.testing.assert_allclose(alone[0], base[1, 3:], atol=2e-5)
+    assert_identity(alone[0], base[1, 3:])
 
 
 def test_cross_rope_cached_equals_uncached(params, decode_batch):
     tokens, mask, _ = decode_batch
     full = fwd(ROPE_CCFG, params, tokens, mask).logits_BxTxV
     cached, _ = _decode(ComposedLM(ROPE_CCFG), params, tokens, mask, CHUNKS)
-    # The project's fp32 parity bar (1e-4): the rotations add rounding (seen: 3.5e-5 on these
-    # large random logits); a wrong cached position would be off by order 1e-1.
-    np.testing.assert_allclose(np.where(mask[..., None], cached, 0), np.where(mask[..., None], full, 0), atol=1e-4)
+    assert_identity(cached, full, where=mask[..., None])
 
 
 def test_cross_rope_needs_an_even_head_size():

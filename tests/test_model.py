@@ -8,29 +8,43 @@ import pytest
 
 from calm_jax import config as config_lib
 from calm_jax import load_pretrained, masks, model
-from tests import hf_models
+from tests import hf_models, numerics
+from tests.numerics import assert_identity
 from tests.test_parity import FWD
-
-CACHE_TOL = 1e-5  # same maths in a different order (cache slots vs one block)
 
 
 class _Models(dict):
-    """name -> Pretrained, each saved by HF and loaded on first use."""
+    """name -> Pretrained, each saved by HF and loaded on first use; `f64(name)`: the same in float64."""
 
     def __init__(self, tmp_path_factory):
         super().__init__()
         self.tmp = tmp_path_factory
+        self.paths, self.float64 = {}, {}
+
+    def path(self, name):
+        if name not in self.paths:
+            self.paths[name] = str(self.tmp.mktemp(name))
+            hf_models.save_hf_model(name, self.paths[name])
+        return self.paths[name]
 
     def __missing__(self, name):
-        path = str(self.tmp.mktemp(name))
-        hf_models.save_hf_model(name, path)
-        self[name] = load_pretrained(path)
+        self[name] = load_pretrained(self.path(name))
         return self[name]
+
+    def f64(self, name):
+        """Call inside `numerics.float64()`; so must everything that uses the result."""
+        if name not in self.float64:
+            self.float64[name] = load_pretrained(self.path(name), dtype="float64")
+        return self.float64[name]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return _Models(tmp_path_factory)
+
+
+# The equalities below (cache == no cache, the past unchanged by the future, ...) are
+# identities: they run in float64 and are checked to float64 reordering (tests/numerics.py).
 
 
 def decode_batch(length=12, prompt=6):
@@ -61,23 +75,25 @@ def run_in_chunks(pretrained, tokens, mask, chunks, cache_length=16):
 
 # GQA with one kv head and head_dim != hidden/heads; a sliding window; learned positions.
 @pytest.mark.parametrize("name", ["llama_tied_headdim", "mistral", "gpt2"])
+@numerics.float64()
 def test_prefill_then_decode_equals_full_forward(models, name):
-    ours = models[name]
+    ours = models.f64(name)
     tokens, mask = decode_batch()
     full = np.asarray(FWD(ours.config, ours.params, tokens, mask).logits_BxTxV)
     cached, cache = run_in_chunks(ours, tokens, mask, [6] + [1] * 6)
-    np.testing.assert_allclose(cached[mask], full[mask], atol=CACHE_TOL, rtol=0)
+    assert_identity(cached[mask], full[mask])
     np.testing.assert_array_equal(np.asarray(cache.valid_BxS)[:, :12], mask)
     assert not np.asarray(cache.valid_BxS)[:, 12:].any()
 
 
 @pytest.mark.parametrize("name", ["mistral", "gpt2"])
+@numerics.float64()
 def test_prefill_in_two_chunks(models, name):
-    ours = models[name]
+    ours = models.f64(name)
     tokens, mask = decode_batch()
     full = np.asarray(FWD(ours.config, ours.params, tokens, mask).logits_BxTxV)
     cached, _ = run_in_chunks(ours, tokens, mask, [4, 8])
-    np.testing.assert_allclose(cached[mask], full[mask], atol=CACHE_TOL, rtol=0)
+    assert_identity(cached[mask], full[mask])
 
 
 def test_sliding_window_matters(models):
@@ -93,29 +109,31 @@ def test_sliding_window_matters(models):
 
 # ---- masks: causality and padding ----------------------------------------------------------------
 
+@numerics.float64()
 def test_causal_and_padding_invariant(models):
-    ours = models["llama"]
+    ours = models.f64("llama")
     tokens, mask = decode_batch()
     base = np.asarray(FWD(ours.config, ours.params, tokens, mask).logits_BxTxV)
     later = tokens.copy()
     later[:, 8:] = (later[:, 8:] + 7) % hf_models.VOCAB  # change the future
     later[~mask] = 5  # and what padding slots hold
     changed = np.asarray(FWD(ours.config, ours.params, later, mask).logits_BxTxV)
-    np.testing.assert_allclose(changed[:, :8][mask[:, :8]], base[:, :8][mask[:, :8]], atol=CACHE_TOL, rtol=0)
+    assert_identity(changed[:, :8][mask[:, :8]], base[:, :8][mask[:, :8]])
     assert np.abs(changed[:, 8:] - base[:, 8:]).max() > 1e-2
 
 
 # ---- taps and hooks ------------------------------------------------------------------------------
 
+@numerics.float64()
 def test_hooks_modify_the_stream_before_taps(models):
-    ours = models["llama"]
+    ours = models.f64("llama")
     cfg, params = ours.config, ours.params
     tokens, mask = decode_batch()
     plain = FWD(cfg, params, tokens, mask, taps=(0, 1, 2))
     hooked = jax.jit(lambda p: model.forward(cfg, p, tokens, mask, taps=(0, 1, 2), hooks={1: lambda h: h + 0.5}))(
         params)
     np.testing.assert_array_equal(np.asarray(hooked.taps[0]), np.asarray(plain.taps[0]))
-    np.testing.assert_allclose(np.asarray(hooked.taps[1]), np.asarray(plain.taps[1]) + 0.5, atol=1e-6)
+    assert_identity(hooked.taps[1], np.asarray(plain.taps[1]) + 0.5)
     assert np.abs(np.asarray(hooked.taps[2]) - np.asarray(plain.taps[2])).max() > 1e-2
     identity = jax.jit(lambda p: model.forward(cfg, p, tokens, mask, taps=(0, 1, 2), hooks={1: lambda h: h}))(params)
     np.testing.assert_array_equal(np.asarray(identity.logits_BxTxV), np.asarray(plain.logits_BxTxV))
@@ -231,13 +249,14 @@ def test_llama2_7b_traced_without_allocating():
     assert len(out.cache.k) == 32
 
 
+@numerics.float64()
 def test_learned_positions_past_the_table_do_not_poison_real_tokens(models):
     # GPT-2 with a 6-slot position table, 6 real tokens then padding at positions 6 and 7:
     # an unclamped lookup there gives NaN, which attention spreads to the whole row.
-    ours = models["gpt2"]
+    ours = models.f64("gpt2")
     cfg = ours.config.replace(max_positions=6)
     params = dict(ours.params, pos_embed={"embedding": ours.params["pos_embed"]["embedding"][:6]})
     tokens, mask = np.full((1, 8), 5, np.int32), np.arange(8)[None] < 6
     out = np.asarray(FWD(cfg, params, tokens, mask).logits_BxTxV)
     assert np.isfinite(out).all()
-    np.testing.assert_allclose(out[:, :6], np.asarray(FWD(cfg, params, tokens[:, :6]).logits_BxTxV), atol=1e-5)
+    assert_identity(out[:, :6], FWD(cfg, params, tokens[:, :6]).logits_BxTxV)

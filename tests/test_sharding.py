@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import chex
 import jax
 import numpy as np
 import pytest
@@ -17,7 +16,11 @@ from calm_jax import data as data_lib
 from calm_jax import sharding
 from calm_jax import train_step as ts
 from calm_jax import trainer
-from tests.test_train_step import COMPOSED_LOSS, OPT, STEP, copy, random_batch, tiny_composition
+from tests import numerics
+from tests.test_train_step import COMPOSED_LOSS64, OPT, STEP64, copy, random_batch, tiny_composition
+
+# "Same numbers on 1 or N devices" is an identity: the steps below run in float64 and are
+# compared to float64 reordering (tests/numerics.py), subprocesses included (JAX_ENABLE_X64).
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,38 +80,40 @@ def test_rule_table_specs_and_fallback():
 
 def _sharded_steps(mesh_spec, n_steps=2):
     mesh = sharding.make_mesh(mesh_spec)
-    ccfg, theta, frozen = tiny_composition()
+    ccfg, theta, frozen = tiny_composition(float64=True)
     t_sh = sharding.param_shardings(mesh, theta)
     o_sh = sharding.param_shardings(mesh, jax.eval_shape(OPT.init, theta))
     f_sh = sharding.param_shardings(mesh, frozen)
     shardings = ts.StepShardings(t_sh, o_sh, f_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
-    step = ts.make_train_step(COMPOSED_LOSS, OPT, shardings=shardings)
+    step = ts.make_train_step(COMPOSED_LOSS64, OPT, shardings=shardings)
     theta = jax.device_put(copy(theta), t_sh)
     state = jax.jit(OPT.init, out_shardings=o_sh)(theta)
     frozen = jax.device_put(frozen, f_sh)
     losses = []
     for i in range(n_steps):
         theta, state, m = step(theta, state, frozen, sharding.put_batch(mesh, random_batch(seed=i)))
-        losses.append(float(m["loss"]))
+        losses.append(np.asarray(m["loss"]))
     return losses, theta
 
 
 @pytest.fixture(scope="module")
 def one_device():
-    ccfg, theta, frozen = tiny_composition()
-    theta, state, losses = copy(theta), OPT.init(theta), []
-    for i in range(2):
-        theta, state, m = STEP(theta, state, frozen, random_batch(seed=i))
-        losses.append(float(m["loss"]))
-    return losses, theta
+    with numerics.float64():
+        ccfg, theta, frozen = tiny_composition(float64=True)
+        theta, state, losses = copy(theta), OPT.init(theta), []
+        for i in range(2):
+            theta, state, m = STEP64(theta, state, frozen, random_batch(seed=i))
+            losses.append(np.asarray(m["loss"]))
+        return np.array(losses), jax.device_get(theta)
 
 
 @pytest.mark.parametrize("mesh_spec", ["data=4,model=2", "data=8,model=1"])
+@numerics.float64()
 def test_sharded_step_equals_one_device(one_device, mesh_spec):
     losses, theta = _sharded_steps(mesh_spec)
-    np.testing.assert_allclose(losses, one_device[0], atol=1e-5, rtol=0)
+    numerics.assert_identity(np.array(losses), one_device[0])
     assert len(theta["augment_0"]["conn_0"]["q"]["kernel"].sharding.device_set) == 8
-    chex.assert_trees_all_close(jax.device_get(theta), one_device[1], atol=1e-5, rtol=0)
+    numerics.assert_trees_identity(jax.device_get(theta), one_device[1])
 
 
 def test_put_batch_rejects_indivisible_batch():
@@ -123,17 +128,17 @@ _TRAIN = trainer.TrainConfig(steps=3, batch_size=8, seq_len=12, lr=1e-2, warmup=
 
 
 def _train(run_dir):
-    """A 3-step trainer run of the tiny composition on a data=2,model=2 mesh."""
-    ccfg, theta, frozen = tiny_composition()
+    """A 3-step trainer run of the tiny composition on a data=2,model=2 mesh (float64)."""
+    ccfg, theta, frozen = tiny_composition(float64=True)
     b = random_batch(b=16, seed=3)
     ds = data_lib.Dataset("random", b["tokens_BxT"], b["mask_BxT"], b["target_BxT"])
     bases = {"anchor": ckpt.fingerprint(ccfg.anchor, frozen["anchor"]),
              "augment_0": ckpt.fingerprint(ccfg.augments[0], frozen["augments"][0])}
-    return trainer.train(run_dir, _TRAIN, COMPOSED_LOSS, theta, frozen, ds, bases=bases)
+    return trainer.train(run_dir, _TRAIN, COMPOSED_LOSS64, theta, frozen, ds, bases=bases)
 
 
 def _restored_theta(run_dir):
-    ccfg, theta, frozen = tiny_composition()
+    ccfg, theta, frozen = tiny_composition(float64=True)
     opt = ts.make_optimizer(_TRAIN.lr, _TRAIN.steps, _TRAIN.warmup, _TRAIN.weight_decay, _TRAIN.clip,
                             _TRAIN.end_lr_ratio)
     state = {"trainable": theta, "opt_state": opt.init(theta), "step": np.int32(0),
@@ -150,12 +155,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@numerics.float64()
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": ROOT,
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
+               "JAX_ENABLE_X64": "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.test_sharding", str(tmp_path / "multi")],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     single = _train(str(tmp_path / "single"))  # meanwhile: the same run in this one process
@@ -164,10 +171,11 @@ def test_two_processes_equal_one(tmp_path):
         assert p.returncode == 0, out[-3000:]
     assert "processes=2 devices=4" in out
     multi_losses = [r["loss"] for r in trainer.read_metrics(str(tmp_path / "multi")) if "loss" in r]
-    np.testing.assert_allclose(multi_losses, [loss for _, loss in single.losses], atol=1e-5, rtol=0)
+    # The metrics file holds Python floats (float64 here), so the identity survives JSON.
+    numerics.assert_identity(np.array(multi_losses), np.array([loss for _, loss in single.losses]))
     theta_multi, meta = _restored_theta(str(tmp_path / "multi"))
     assert meta["step"] == 3
-    chex.assert_trees_all_close(theta_multi, jax.device_get(single.trainable), atol=1e-5, rtol=0)
+    numerics.assert_trees_identity(theta_multi, jax.device_get(single.trainable))
 
 
 if __name__ == "__main__":

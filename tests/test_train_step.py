@@ -18,6 +18,7 @@ from calm_jax.composition import ComposedLM, CompositionConfig, init_theta
 from calm_jax.config import ModelConfig
 from calm_jax.loading import CheckpointError
 from calm_jax.model import PlainLM, forward, param_shapes
+from tests import numerics
 
 V = 128
 ANCHOR = ModelConfig(family="llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -25,6 +26,9 @@ ANCHOR = ModelConfig(family="llama", vocab_size=V, hidden_size=32, num_layers=2,
 AUG = ModelConfig(family="llama", vocab_size=V, hidden_size=16, num_layers=4, num_heads=2, num_kv_heads=1,
                   head_dim=8, intermediate_size=32, max_positions=32)
 CCFG = CompositionConfig(ANCHOR, (AUG,))  # paper default: augment layer 3 -> anchor layer 1
+# The same in float64, for identities (k micro-batches == one batch, N devices == one):
+# checked to float64 reordering under `numerics.float64()` (tests/numerics.py says why).
+CCFG64 = CompositionConfig(numerics.f64(ANCHOR), (numerics.f64(AUG),), dtype="float64")
 
 
 def random_params(cfg: ModelConfig, seed: int, scale: float = 0.3):
@@ -52,10 +56,16 @@ def random_theta(ccfg: CompositionConfig, seed: int):
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_composition(seed: int = 0):
-    """(ccfg, theta, frozen) as numpy trees; frozen models perturbed beyond their init."""
-    return CCFG, random_theta(CCFG, seed), {"anchor": random_params(ANCHOR, seed + 1),
-                                           "augments": (random_params(AUG, seed + 2),)}
+def tiny_composition(seed: int = 0, float64: bool = False):
+    """(ccfg, theta, frozen) as numpy trees; frozen models perturbed beyond their init.
+
+    float64: the same draws as float64 arrays with CCFG64 (use under `numerics.float64()`).
+    """
+    theta, frozen = random_theta(CCFG, seed), {"anchor": random_params(ANCHOR, seed + 1),
+                                               "augments": (random_params(AUG, seed + 2),)}
+    if not float64:
+        return CCFG, theta, frozen
+    return CCFG64, *jax.tree.map(lambda x: np.asarray(x, np.float64), (theta, frozen))
 
 
 def random_batch(b=8, t=12, seed=0):
@@ -72,27 +82,31 @@ def random_batch(b=8, t=12, seed=0):
 COMPOSED_LOSS = ts.lm_loss(ComposedLM(CCFG).apply, ts.join_composition)
 OPT = ts.make_optimizer(1e-2, 100, 10)
 STEP = ts.make_train_step(COMPOSED_LOSS, OPT)  # shared, so tests reuse its compilations
+COMPOSED_LOSS64 = ts.lm_loss(ComposedLM(CCFG64).apply, ts.join_composition)
+STEP64 = ts.make_train_step(COMPOSED_LOSS64, OPT)
 
 
 def copy(tree):
     return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
+@numerics.float64()
 def test_next_token_loss_matches_numpy():
-    logits = np.random.default_rng(0).normal(size=(2, 5, 7)).astype(np.float32)
+    logits = np.random.default_rng(0).normal(size=(2, 5, 7))
     tokens = np.array([[1, 2, 3, 4, 5], [6, 0, 1, 2, 3]], np.int32)
     target = np.array([[0, 0, 1, 1, 0], [1, 1, 1, 1, 1]], bool)
     loss_sum, n = jax.jit(ts.next_token_loss)(logits, tokens, target)
     chex.assert_shape((loss_sum, n), ())
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = [-logp[b, t - 1, tokens[b, t]] for b in range(2) for t in range(1, 5) if target[b, t]]
-    np.testing.assert_allclose(loss_sum, np.sum(want), rtol=1e-5)
+    numerics.assert_identity(loss_sum, np.sum(want))
     assert n == len(want) == 6
 
 
 def test_lr_schedule_warmup_then_cosine():
     s = ts.lr_schedule(1.0, steps=10, warmup=4, end_lr_ratio=0.1)
-    np.testing.assert_allclose([s(i) for i in range(4)], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+    # optax evaluates these in float32 with two or three roundings each: 8 units of 2**-23 bound them.
+    np.testing.assert_allclose([s(i) for i in range(4)], [0.25, 0.5, 0.75, 1.0], rtol=8 * numerics.EPS32)
     assert float(s(4)) == pytest.approx(1.0) and float(s(10)) == pytest.approx(0.1)
     assert all(float(s(i)) > float(s(i + 1)) for i in range(4, 9))
 
@@ -115,19 +129,23 @@ def test_only_theta_is_trained_and_frozen_params_are_untouched():
     chex.assert_shape([metrics["loss"], metrics["tokens"], metrics["grad_norm"]], ())
 
 
+@numerics.float64()
 def test_grad_accumulation_equals_one_big_batch():
-    ccfg, theta, frozen = tiny_composition()
+    # Adam's first update is about lr * g / |g|: in float32, a gradient entry near zero
+    # (rounding of its sum order ~ its size) could come out with either sign. In float64
+    # the two orders agree to ~1e-16, so the updated Θ_C is compared as an identity.
+    ccfg, theta, frozen = tiny_composition(float64=True)
     batch = random_batch(b=8)  # rows hold different numbers of target tokens
     out = {}
-    for k, step in ((1, STEP), (4, ts.make_train_step(COMPOSED_LOSS, OPT, grad_accum=4))):
+    for k, step in ((1, STEP64), (4, ts.make_train_step(COMPOSED_LOSS64, OPT, grad_accum=4))):
         t = copy(theta)
         out[k] = step(t, OPT.init(t), frozen, batch)
-    np.testing.assert_allclose(out[4][2]["loss"], out[1][2]["loss"], rtol=1e-6)
-    np.testing.assert_allclose(out[4][2]["grad_norm"], out[1][2]["grad_norm"], rtol=1e-5)
+    for name in ("loss", "grad_norm"):
+        numerics.assert_identity(out[4][2][name], out[1][2][name], err_msg=name)
     assert float(out[4][2]["tokens"]) == float(out[1][2]["tokens"]) == batch["target_BxT"][:, 1:].sum()
-    chex.assert_trees_all_close(out[4][0], out[1][0], atol=1e-6)
+    numerics.assert_trees_identity(out[4][0], out[1][0])
     with pytest.raises(ValueError, match="not divisible by grad_accum 3"):
-        ts.make_train_step(COMPOSED_LOSS, OPT, grad_accum=3)(theta, OPT.init(theta), frozen, batch)
+        ts.make_train_step(COMPOSED_LOSS64, OPT, grad_accum=3)(theta, OPT.init(theta), frozen, batch)
 
 
 def test_bf16_frozen_models_with_fp32_theta_and_optimizer():
