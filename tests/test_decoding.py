@@ -112,7 +112,7 @@ def reference_greedy(apply, prompts, n=N_NEW, encoder=False):
                                                                                    lengths + i - 1]
         top2 = np.sort(logits, axis=-1)[:, -2:]
         gap, scale = (top2[:, 1] - top2[:, 0]).min(), np.abs(logits).max()
-        assert gap >= ARGMAX_MARGIN * scale, f"step {i}: top-2 logit gap {gap:.3g} is a near-tie (scale {scale:.3g})"
+        assert gap >= ARGMAX_MARGIN * scale, f"step {i}: top-2 logit gap {gap:.3g} is a near-tie (scale {scale})"
         tokens[np.arange(len(prompts)), lengths + i] = logits.argmax(-1)
     return [tokens[r, lengths[r]:lengths[r] + n].tolist() for r in range(len(prompts))]
 
