@@ -33,38 +33,76 @@ class BaseModelMismatch(CheckpointError):
     """A run resumed or loaded against frozen models other than the ones it was trained with."""
 
 
+_ROUNDINGS = (jnp.bfloat16, jnp.float16)  # the order of the sums _checksums gives per tensor
+
+
 def _checksums(tree):
     # Integer sums wrap mod 2**32 exactly in any order, so the result does not depend on
     # how the weights are sharded. Values are rounded to bf16 first, so a model stored in
-    # bf16 matches its fp32 original.
+    # bf16 matches its fp32 original; a second pair of sums over fp16-rounded values lets a
+    # model stored in fp16 match its fp32 original too (rounding fp16 to bf16 is not the
+    # same as rounding fp32 to bf16, so the bf16 sums cannot).
     def one(x_N):
-        bits = jax.lax.bitcast_convert_type(x_N.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32).ravel()
-        weight = jnp.arange(bits.size, dtype=jnp.uint32) * _MIX + np.uint32(1)
-        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+        weight = None
+        sums = []
+        for dtype in _ROUNDINGS:
+            bits = jax.lax.bitcast_convert_type(x_N.astype(dtype), jnp.uint16).astype(jnp.uint32).ravel()
+            weight = jnp.arange(bits.size, dtype=jnp.uint32) * _MIX + np.uint32(1) if weight is None else weight
+            sums += [jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)]
+        return jnp.stack(sums)
     return jax.tree.map(one, tree)
 
 
 _checksums_jit = jax.jit(_checksums)
 
 
-def content_hash(params) -> str:
-    """A deterministic hash of a parameter tree's names, shapes and (bf16-rounded) values.
+def _content_hashes(params) -> dict:
+    """{rounding dtype name: hash}; see content_hash."""
+    sums = [np.asarray(s.addressable_data(0)) for s in jax.tree.leaves(_checksums_jit(params))]
+    out = {}
+    for k, dtype in enumerate(_ROUNDINGS):
+        h = hashlib.sha256()
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            h.update(f"{jax.tree_util.keystr(path)}:{tuple(np.shape(leaf))};".encode())
+        for s in sums:
+            h.update(s[2 * k:2 * k + 2].tobytes())
+        out[jnp.dtype(dtype).name] = h.hexdigest()[:16]
+    return out
 
-    One pass over the weights on their own devices; only two integers per tensor leave them.
+
+def content_hash(params, rounding: str = "bfloat16") -> str:
+    """A deterministic hash of a parameter tree's names, shapes and values rounded to `rounding`
+    ("bfloat16" or "float16").
+
+    One pass over the weights on their own devices; only four integers per tensor leave them.
     """
-    sums = _checksums_jit(params)
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        h.update(f"{jax.tree_util.keystr(path)}:{tuple(np.shape(leaf))};".encode())
-    for s in jax.tree.leaves(sums):
-        h.update(np.asarray(s.addressable_data(0)).tobytes())
-    return h.hexdigest()[:16]
+    return _content_hashes(params)[rounding]
+
+
+def _storage_dtype(params) -> str | None:
+    dtypes = {jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def fingerprint(cfg: ModelConfig, params) -> dict:
-    """{"config": the architecture fields of `cfg`, "hash": content_hash(params)}; JSON-ready."""
+    """{"config": the architecture fields of `cfg`, "hash": content_hash(params) (bf16-rounded),
+    "hash_float16": the fp16-rounded one, "param_dtype": how the weights are stored}; JSON-ready.
+
+    Two fingerprints are the same models if their configs and either hash agree: storage in
+    fp32, bf16 or (against fp32) fp16 does not change the identity; the storage dtype only
+    explains a mismatch.
+    """
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _STORAGE_FIELDS}
-    return json.loads(json.dumps({"config": config, "hash": content_hash(params)}))
+    hashes = _content_hashes(params)
+    return json.loads(json.dumps({"config": config, "hash": hashes["bfloat16"], "hash_float16": hashes["float16"],
+                                  "param_dtype": _storage_dtype(params)}))
+
+
+def _same_weights(saved: dict, given: dict) -> bool:
+    if saved["hash"] == given["hash"]:
+        return True
+    # bases.json files written before the fp16 hash existed have none.
+    return saved.get("hash_float16") is not None and saved.get("hash_float16") == given.get("hash_float16")
 
 
 def check_bases(saved: Mapping[str, dict], given: Mapping[str, dict], where: str) -> None:
@@ -80,9 +118,15 @@ def check_bases(saved: Mapping[str, dict], given: Mapping[str, dict], where: str
                  if a.get(k) != b.get(k)]
         if diffs:
             problems.append(f"{name} config differs ({'; '.join(diffs)})")
-        elif saved[name]["hash"] != given[name]["hash"]:
-            problems.append(f"{name} has the same config but different weights "
-                            f"(content hash {given[name]['hash']}, trained with {saved[name]['hash']})")
+        elif not _same_weights(saved[name], given[name]):
+            was, now = saved[name].get("param_dtype"), given[name].get("param_dtype")
+            if was and now and was != now:
+                problems.append(f"{name} has the same config, but its weights are stored in {now} here and were "
+                                f"{was} in training, and the content hashes cannot compare these two dtypes; "
+                                f"load it with {was} weights to check it")
+            else:
+                problems.append(f"{name} has the same config but different weights "
+                                f"(content hash {given[name]['hash']}, trained with {saved[name]['hash']})")
     if problems:
         raise BaseModelMismatch(f"{where} belongs to other base models:\n  " + "\n  ".join(problems))
 
@@ -194,6 +238,28 @@ def save_composition_config(run_dir: str, ccfg) -> None:
             json.dump(record, f, indent=1)
 
 
+def _manager(run_dir: str):
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), "checkpoints"),
+                                 options=ocp.CheckpointManagerOptions(create=False), item_names=("state", "meta"))
+
+
+def composition_step(run_dir: str, step: int | None = None) -> int:
+    """The checkpoint step `load_composition` reads from a `train.compose` run: `step`, checked
+    to exist, or the latest. Reads no weights. Raises CheckpointError."""
+    if not os.path.isfile(os.path.join(run_dir, _COMPOSITION_FILE)):
+        raise CheckpointError(f"{run_dir} is not a train.compose run directory (no {_COMPOSITION_FILE})")
+    steps = []
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        manager = _manager(run_dir)
+        steps = sorted(manager.all_steps())
+        manager.close()
+    if not steps:
+        raise CheckpointError(f"{run_dir} has no checkpoint")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{run_dir} has no checkpoint for step {step} (has {steps})")
+    return steps[-1] if step is None else step
+
+
 def load_composition(run_dir: str, anchor, augments, step: int | None = None):
     """(CompositionConfig, Θ_C) of a trained `train.compose` run, for evaluation or generation.
 
@@ -203,10 +269,8 @@ def load_composition(run_dir: str, anchor, augments, step: int | None = None):
     """
     from calm_jax import composition as comp
 
-    path = os.path.join(run_dir, _COMPOSITION_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{run_dir} is not a train.compose run directory (no {_COMPOSITION_FILE})")
-    with open(path) as f:
+    step = composition_step(run_dir, step)
+    with open(os.path.join(run_dir, _COMPOSITION_FILE)) as f:
         record = json.load(f)
     models = [anchor, *augments]
     saved = read_bases(run_dir)
@@ -224,11 +288,7 @@ def load_composition(run_dir: str, anchor, augments, step: int | None = None):
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     theta_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                 jax.eval_shape(lambda: comp.init_theta(ccfg, jax.random.key(0))))
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), "checkpoints"),
-                                    options=ocp.CheckpointManagerOptions(create=False), item_names=("state", "meta"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint")
+    manager = _manager(run_dir)
     # Only Θ_C is read; the optimizer state stays on disk.
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={"trainable": theta_shapes}, partial_restore=True,

@@ -13,10 +13,19 @@ from typing import Any, Mapping
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
 # The MLP activations calm_jax.model implements (HF names).
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
+# Compute and storage dtypes, by their numpy names.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 class ConfigError(ValueError):
     """A config.json that cannot be turned into a ModelConfig."""
+
+
+def check_dtype(name: str, value) -> None:
+    """Raises ConfigError unless `value` is one of DTYPES (`name` says which setting it is)."""
+    if value not in DTYPES:
+        raise ConfigError(f"{name} {value!r} is not a dtype this package computes or stores in; "
+                          f"use one of {', '.join(DTYPES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +70,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype
 
     def __post_init__(self):
+        check_dtype("dtype", self.dtype)
+        check_dtype("param_dtype", self.param_dtype)
         if self.family not in SUPPORTED_FAMILIES:
             raise ConfigError(
                 f"unsupported model family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")

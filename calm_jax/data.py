@@ -20,8 +20,23 @@ class DataError(ValueError):
     """A data file or record that cannot be used."""
 
 
+class Record(dict):
+    """A JSONL record that remembers where it was read (`path`, 1-based `line`), for error messages."""
+
+    path: str = ""
+    line: int = 0
+
+
+def where(record: dict, index: int, kind: str = "record") -> str:
+    """How an error names a record: "FILE: line N" for one read by `read_jsonl`, else "KIND INDEX"
+    (a 0-based index into the caller's list)."""
+    if isinstance(record, Record):
+        return f"{record.path}: line {record.line}"
+    return f"{kind} {index}"
+
+
 def read_jsonl(path: str, require: tuple[str, ...] | None = None) -> list[dict]:
-    """The records of a JSONL file; other fields are kept.
+    """The records of a JSONL file (as `Record`s); other fields are kept.
 
     require: string fields every record must have (default: "prompt" and "target", or "text").
     """
@@ -35,16 +50,24 @@ def read_jsonl(path: str, require: tuple[str, ...] | None = None) -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
+                raise DataError(f"{path}: line {n}: not valid JSON ({e})") from e
             if require is None:
                 ok = isinstance(rec, dict) and ({"prompt", "target"} <= rec.keys() or "text" in rec)
                 want = '{"prompt", "target"} or {"text"}'
+                fields = ("text",) if ok and "text" in rec else ("prompt", "target")
             else:
-                ok = isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in require)
+                ok = isinstance(rec, dict) and all(k in rec for k in require)
                 want = f"a JSON object with string field(s) {', '.join(require)}"
+                fields = require
             if not ok:
-                raise DataError(f"{path}:{n}: expected {want}, found {line.strip()[:80]}")
-            records.append(rec)
+                raise DataError(f"{path}: line {n}: expected {want}, found {line.strip()[:80]}")
+            for k in fields:
+                if not isinstance(rec[k], str):
+                    raise DataError(f"{path}: line {n}: field {k!r} must be a string, found "
+                                    f"{type(rec[k]).__name__} {json.dumps(rec[k])[:40]}")
+            record = Record(rec)
+            record.path, record.line = path, n
+            records.append(record)
     if not records:
         raise DataError(f"{path} has no records")
     return records
@@ -136,12 +159,12 @@ def load_dataset(path: str, tokenizer, seq_len: int, append_eos: bool = True) ->
     """Reads and tokenizes a JSONL file (see `encode`). Raises DataError on a record longer than seq_len."""
     records = read_jsonl(path)
     seqs, flags = [], []
-    for n, rec in enumerate(records, 1):
+    for n, rec in enumerate(records):
         ids, target = encode(tokenizer, rec, append_eos)
         if len(ids) > seq_len:
-            raise DataError(f"{path}: record {n} has {len(ids)} tokens, more than the sequence length {seq_len}")
+            raise DataError(f"{where(rec, n)} has {len(ids)} tokens, more than the sequence length {seq_len}")
         if not any(target[1:]):
-            raise DataError(f"{path}: record {n} has no target token to learn from (empty target?)")
+            raise DataError(f"{where(rec, n)} has no target token to learn from (empty target?)")
         seqs.append(ids)
         flags.append(target)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0

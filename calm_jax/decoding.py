@@ -180,8 +180,8 @@ def _decode(static: _Static, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, m
         else:
             buf_BxL, bmask_BxL = s.context
             slot = p + s.step - 1
-            buf_BxL = jax.lax.dynamic_update_slice(buf_BxL, feed_B[:, None].astype(buf_BxL.dtype), (0, slot))
-            bmask_BxL = jax.lax.dynamic_update_slice(bmask_BxL, ~s.done_B[:, None], (0, slot))
+            buf_BxL = jax.lax.dynamic_update_slice_in_dim(buf_BxL, feed_B[:, None].astype(buf_BxL.dtype), slot, axis=1)
+            bmask_BxL = jax.lax.dynamic_update_slice_in_dim(bmask_BxL, ~s.done_B[:, None], slot, axis=1)
             logits_BxTxV = model.apply(params, buf_BxL, bmask_BxL).logits_BxTxV
             context = (buf_BxL, bmask_BxL)
             logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, slot, axis=1, keepdims=False)
@@ -224,22 +224,41 @@ def resolve_stop_ids(stop: Sequence[str | int], vocab_size: int, tokenizer=None,
     return sorted(set(ids))
 
 
-def _prompt_ids(prompts, tokenizer, max_new_tokens: int, max_positions: int) -> list[list[int]]:
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids `generate` feeds for a text prompt (with the tokenizer's BOS, if it adds one)."""
+    return data_lib.encode(tokenizer, {"prompt": prompt, "target": ""})[0]
+
+
+def as_generated(tokenizer, text: str) -> str:
+    """`text` as `generate` would render a generation of it: without the tokenizer's special
+    tokens (task markers, BOS, ...), which it decodes with skip_special_tokens.
+
+    Removed from the text instead of round-tripping it through token ids, so a character
+    outside the vocabulary stays (a round trip would drop it as an unknown token).
+    """
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    for s in sorted(specials | set(tokenizer.all_special_tokens), key=len, reverse=True):
+        text = text.replace(s, "")
+    return text
+
+
+def _prompt_ids(prompts, tokenizer, max_new_tokens: int, max_positions: int, names=None) -> list[list[int]]:
     out = []
     for i, prompt in enumerate(prompts):
+        name = names[i] if names is not None else f"prompt {i}"
         if isinstance(prompt, str):
             if tokenizer is None:
-                raise GenerationError(f"prompt {i} is text but no tokenizer was given")
+                raise GenerationError(f"{name} is text but no tokenizer was given")
             if not prompt:
-                raise GenerationError(f"prompt {i} is empty")
-            ids, _ = data_lib.encode(tokenizer, {"prompt": prompt, "target": ""})
+                raise GenerationError(f"{name} is empty")
+            ids = prompt_ids(tokenizer, prompt)
         else:
             ids = [int(t) for t in prompt]
         if not ids:
-            raise GenerationError(f"prompt {i} is empty (no tokens)")
+            raise GenerationError(f"{name} is empty (no tokens)")
         if len(ids) + max_new_tokens > max_positions:
             raise GenerationError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that needs "
+                f"{name} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that needs "
                 f"{len(ids) + max_new_tokens} positions, more than the model's maximum of {max_positions}")
         out.append(ids)
     return out
@@ -247,7 +266,8 @@ def _prompt_ids(prompts, tokenizer, max_new_tokens: int, max_positions: int) -> 
 
 def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int,
              tokenizer=None, stop: Sequence[str | int] = (), stop_at_eos: bool = True,
-             sampling: Sampling = Sampling(), seed: int = 0, batch_size: int | None = None) -> list[Generation]:
+             sampling: Sampling = Sampling(), seed: int = 0, batch_size: int | None = None,
+             names: Sequence[str] | None = None) -> list[Generation]:
     """Generates a continuation for each prompt (text, or a list of token ids).
 
     model: a `PlainLM` or a composed model (same interface); params: its parameter tree.
@@ -255,12 +275,13 @@ def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_t
       `stop_at_eos`). Rows are decoded `batch_size` at a time (default: all together); the
       last batch is filled with copies so the compiled shape never changes.
     Sampling is reproducible for a given seed, batch size and prompt order.
+    names: what errors call each prompt (e.g. "FILE: line N"; default "prompt I", 0-based).
     """
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts:
         raise GenerationError("no prompts given")
-    ids = _prompt_ids(prompts, tokenizer, max_new_tokens, model.max_positions)
+    ids = _prompt_ids(prompts, tokenizer, max_new_tokens, model.max_positions, names)
     stop_ids = resolve_stop_ids(stop, model.vocab_size, tokenizer, stop_at_eos)
     # Padded with -1 (never generated) to a multiple of 8, so the stop list rarely changes the compiled shape.
     width = max(8, -(-len(stop_ids) // 8) * 8)

@@ -225,6 +225,24 @@ def _hf_shape(transform: Transform, ours: tuple, n: int) -> tuple:
     return ours
 
 
+def load_config(path: str, dtype: str = "float32", param_dtype: str | None = None) -> config_lib.ModelConfig:
+    """The ModelConfig `load_pretrained` gives for a model directory, from its config.json alone
+    (no weights read): for checks that should not wait for a model to load."""
+    return _load_config(path, dtype, param_dtype)[0]
+
+
+def _load_config(path: str, dtype: str, param_dtype: str | None):
+    # The dtypes are the caller's settings, not the file's: checked before the file is blamed.
+    config_lib.check_dtype("dtype", dtype)
+    if param_dtype is not None:
+        config_lib.check_dtype("param_dtype", param_dtype)
+    hf_config = _read_config(path)
+    try:
+        return config_lib.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype), hf_config
+    except config_lib.ConfigError as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
+
+
 def load_pretrained(path: str, dtype: str = "float32", param_dtype: str | None = None,
                     shardings=None, tokenizer: bool = True) -> Pretrained:
     """Loads a local HF model directory (config.json + safetensors [+ tokenizer files]).
@@ -233,11 +251,7 @@ def load_pretrained(path: str, dtype: str = "float32", param_dtype: str | None =
     shardings: optional pytree of `jax.sharding.Sharding` matching the parameter tree (or a
       function cfg -> such a tree); each weight goes straight to its devices.
     """
-    hf_config = _read_config(path)
-    try:
-        cfg = config_lib.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype)
-    except config_lib.ConfigError as e:
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
+    cfg, hf_config = _load_config(path, dtype, param_dtype)
     tensors = _read_tensors(_weight_files(path))
     try:
         flat = hf_to_params(tensors, cfg)

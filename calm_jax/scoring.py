@@ -60,11 +60,11 @@ def encode_records(tokenizer, records: Sequence[dict], max_positions: int) -> li
         ids, flags = data.encode(tokenizer, record)
         if flags and flags[0]:
             if "text" not in record:
-                raise data.DataError(f"record {n}: the prompt has no tokens (and the tokenizer adds no BOS), "
-                                     "so the first target token has no context to be scored from")
+                raise data.DataError(f"{data.where(record, n)}: the prompt has no tokens (and the tokenizer adds "
+                                     "no BOS), so the first target token has no context to be scored from")
             flags = [False] + flags[1:]  # a text's first token has nothing to be predicted from
         if len(ids) > max_positions:
-            raise data.DataError(f"record {n} has {len(ids)} tokens, more than the model's "
+            raise data.DataError(f"{data.where(record, n)} has {len(ids)} tokens, more than the model's "
                                  f"{max_positions} positions")
         encoded.append((ids, flags))
     return encoded

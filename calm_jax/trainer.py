@@ -131,6 +131,8 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
         step, position = int(state["step"]), data_lib.Position(*saved["data_position"])
         if step >= cfg.steps:
             print(f"{run_dir}: already trained for {step} steps (asked for {cfg.steps})")
+        elif main:
+            print(f"{run_dir}: resuming from step {step} (of {cfg.steps})")
     trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -167,13 +169,13 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
                                                        shard_lib.put_batch(mesh, batch))
             step += 1
             if pending is not None:
-                _record(pending, log, bar, losses)
+                _record(pending, log, bar, losses, start)
             now = time.perf_counter()
             pending = (step, metrics, float(schedule(step - 1)), tokens_since / max(now - last_time, 1e-9))
             last_time, tokens_since = now, 0
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0) or (
                     cfg.save_every and step % cfg.save_every == 0):
-                _record(pending, log, bar, losses)
+                _record(pending, log, bar, losses, start)
                 pending = None
                 if eval_step is not None and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     eval_loss, n = evaluate()
@@ -184,7 +186,7 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
                     save()
                 last_time = time.perf_counter()  # eval and saving are not training time
         if pending is not None:
-            _record(pending, log, bar, losses)
+            _record(pending, log, bar, losses, start)
     if bar is not None:
         bar.close()
     checkpoints.close()
@@ -193,7 +195,7 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
     return TrainResult(trainable, step, losses, eval_loss, mesh)
 
 
-def _record(pending, log, bar, losses):
+def _record(pending, log, bar, losses, start: int):
     step, metrics, lr, tok_s = pending
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not math.isfinite(m["loss"]):
@@ -203,6 +205,20 @@ def _record(pending, log, bar, losses):
     if bar is not None:
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+        if step == start + 1:
+            _restart_clock(bar)
+
+
+def _restart_clock(bar) -> None:
+    """Times the bar's rate and ETA from now: the first step of a run compiles the train step,
+    and counted in, its seconds would hold both at that step's figure for much of the run."""
+    if bar.disable:
+        return
+    # What tqdm's reset() does, less zeroing the count (and drawing the bar at 0 in a log).
+    bar.initial = bar.last_print_n = bar.n
+    bar.start_t = bar.last_print_t = bar._time()
+    for moving_average in ("_ema_dn", "_ema_dt"):
+        setattr(bar, moving_average, type(getattr(bar, moving_average))(bar.smoothing))
 
 
 def _write(log, record):

@@ -6,7 +6,8 @@ Model flags (`add_model_flags`), one of:
       [--composition RUN_DIR]          its trained Θ_C (without it: random Θ_C, said loudly)
       [--encoder-mode]                 the paper's "m_A as encoder" ablation
 `build_model(args)` turns them into a `Loaded` (model with the PlainLM interface, params,
-tokenizer, label), so the same script evaluates any of the three.
+tokenizer, label, source), so the same script evaluates any of the three; `describe(args)`
+gives the label and source without loading anything.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import jax
 from calm_jax import checkpoint
 from calm_jax import composition as comp
 from calm_jax import decoding
-from calm_jax.config import ConfigError
-from calm_jax.data import DataError, read_jsonl
+from calm_jax.config import DTYPES, ConfigError
+from calm_jax.data import DataError, read_jsonl, where
 from calm_jax.loading import CheckpointError, load_pretrained
 from calm_jax.model import PlainLM
 
@@ -39,7 +40,8 @@ class Loaded:
     model: Any  # PlainLM or composition.ComposedLM
     params: Any
     tokenizer: Any
-    label: str  # short name for tables: "model:DIR", "calm:ANCHOR+AUG" or "calm-encoder:..."
+    label: str  # short name for tables, see `describe`
+    source: dict  # what was evaluated (directories, run step or random Θ_C seed, dtype), see `describe`
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +53,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--composition", metavar="RUN_DIR", help="trained composition (Θ_C) from train.compose")
     g.add_argument("--encoder-mode", action="store_true",
                    help="augmenting models see only the prompt (the paper's 'm_A as encoder' ablation)")
-    g.add_argument("--dtype", default="float32", help="compute dtype of the frozen models")
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the frozen models")
     g.add_argument("--label", help="name of this model in result tables (default: from the flags)")
     g.add_argument("--theta-seed", type=int, default=0, help="seed of the random Θ_C used without --composition")
 
@@ -60,8 +62,16 @@ def _name(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
 
 
-def build_model(args: argparse.Namespace) -> Loaded:
-    """The model the flags describe. Raises SystemExit with a clear message on bad flags."""
+def describe(args: argparse.Namespace) -> tuple[str, dict]:
+    """(label, source) of the model the flags describe, without loading it.
+
+    source: everything that tells one evaluated model from another (absolute directories, the
+      composition's run directory and checkpoint step or the random Θ_C's seed, encoder mode,
+      dtype); the default label carries the same in short: "model:DIR", or
+      "calm:ANCHOR+AUG@RUN:stepN" ("calm-encoder:..." in encoder mode, "@random-theta:seedS"
+      without --composition), with "[DTYPE]" added when it is not float32.
+    Raises SystemExit on bad flags, CheckpointError on a run directory without a checkpoint.
+    """
     if bool(args.model) == bool(args.anchor):
         raise SystemExit("give either --model DIR (a plain LM) or --anchor DIR with --augment DIR (a composition)")
     if args.model:
@@ -69,10 +79,30 @@ def build_model(args: argparse.Namespace) -> Loaded:
                                 ("--encoder-mode", args.encoder_mode)) if v]
         if extra:
             raise SystemExit(f"{', '.join(extra)} only apply to a composition (--anchor), not to --model")
+        source = {"model": os.path.abspath(args.model), "dtype": args.dtype}
+        label = f"model:{_name(args.model)}"
+    else:
+        if not args.augment:
+            raise SystemExit("--anchor needs at least one --augment DIR")
+        step = checkpoint.composition_step(args.composition) if args.composition else None
+        source = {"anchor": os.path.abspath(args.anchor), "augments": [os.path.abspath(d) for d in args.augment],
+                  "composition": os.path.abspath(args.composition) if args.composition else None, "step": step,
+                  "theta_seed": None if args.composition else args.theta_seed,
+                  "encoder_mode": bool(args.encoder_mode), "dtype": args.dtype}
+        theta = f"{_name(args.composition)}:step{step}" if args.composition else f"random-theta:seed{args.theta_seed}"
+        label = (f"{'calm-encoder' if args.encoder_mode else 'calm'}:{_name(args.anchor)}+"
+                 f"{'+'.join(_name(d) for d in args.augment)}@{theta}")
+    if args.dtype != "float32":
+        label += f"[{args.dtype}]"
+    return args.label or label, source
+
+
+def build_model(args: argparse.Namespace) -> Loaded:
+    """The model the flags describe. Raises SystemExit with a clear message on bad flags."""
+    label, source = describe(args)
+    if args.model:
         pre = load_pretrained(args.model, dtype=args.dtype)
-        return Loaded(PlainLM(pre.config), pre.params, pre.tokenizer, args.label or f"model:{_name(args.model)}")
-    if not args.augment:
-        raise SystemExit("--anchor needs at least one --augment DIR")
+        return Loaded(PlainLM(pre.config), pre.params, pre.tokenizer, label, source)
     anchor = load_pretrained(args.anchor, dtype=args.dtype)
     augments = [load_pretrained(d, dtype=args.dtype) for d in args.augment]
     if anchor.tokenizer is not None and all(a.tokenizer is not None for a in augments):
@@ -80,20 +110,21 @@ def build_model(args: argparse.Namespace) -> Loaded:
     frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}
     if args.composition:
         # Checks the run was trained on these very models (configs and content hashes).
-        ccfg, theta = checkpoint.load_composition(args.composition, anchor, augments)
+        ccfg, theta = checkpoint.load_composition(args.composition, anchor, augments, step=source["step"])
     else:
         ccfg = comp.CompositionConfig(anchor=anchor.config, augments=tuple(a.config for a in augments))
         theta = comp.init_theta(ccfg, jax.random.key(args.theta_seed))
         print("WARNING: no --composition given: Θ_C is randomly initialised (untrained)", file=sys.stderr)
-    mode = "calm-encoder" if args.encoder_mode else "calm"
-    label = args.label or f"{mode}:{_name(args.anchor)}+{'+'.join(_name(d) for d in args.augment)}"
     return Loaded(comp.ComposedLM(ccfg, encoder_mode=args.encoder_mode), {"theta": theta, **frozen},
-                  anchor.tokenizer, label)
+                  anchor.tokenizer, label, source)
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
     g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--max-new-tokens", type=int,
+                   help=f"default: {max_new_tokens}, or fewer if the model's positions leave less room after the "
+                        "longest prompt (said when it happens)")
+    parser.set_defaults(default_max_new_tokens=max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
@@ -119,26 +150,54 @@ def read_prompts(path: str, need_target: bool = False) -> list[dict]:
     return read_jsonl(path, require=("prompt", "target") if need_target else ("prompt",))
 
 
-def generate_for(args, path: str, need_target: bool = False):
-    """Builds the model from flags, reads the prompts and generates: (loaded, records, gens, seconds).
+def generate_for(args, path: str, need_target: bool = False, before_loading=None):
+    """Reads the prompts, builds the model from flags and generates: (loaded, records, gens, seconds).
 
-    Bad input exits with a one-line error.
+    before_loading(label, source): called once the prompts and flags are checked, before any
+      model is loaded (see `describe`). Sets args.max_new_tokens when it was not given (see
+      `fit_max_new_tokens`). Bad input exits with a one-line error.
     """
     try:
-        loaded = build_model(args)
         records = read_prompts(path, need_target)
+        if before_loading is not None:
+            before_loading(*describe(args))
+        loaded = build_model(args)
         if loaded.tokenizer is None:
             raise SystemExit("the model directory has no tokenizer files: text prompts cannot be encoded")
+        fit_max_new_tokens(args, loaded, records)
         start = time.perf_counter()
         gens = decoding.generate(loaded.model, loaded.params, [r["prompt"] for r in records],
-                                 tokenizer=loaded.tokenizer, **generation_kwargs(args))
+                                 tokenizer=loaded.tokenizer, names=[where(r, i) for i, r in enumerate(records)],
+                                 **generation_kwargs(args))
         return loaded, records, gens, time.perf_counter() - start
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from e
 
 
-def write_jsonl(path: str, records) -> None:
+def fit_max_new_tokens(args, loaded: Loaded, records) -> None:
+    """Without --max-new-tokens: the script's default, lowered (and said so) when the model's
+    positions leave less room after the longest prompt, so a small model's default works."""
+    if args.max_new_tokens is not None:
+        return  # asked for: decoding refuses it, naming the prompt, if it does not fit
+    lengths = [len(decoding.prompt_ids(loaded.tokenizer, r["prompt"])) for r in records]
+    longest = max(range(len(records)), key=lengths.__getitem__)
+    room = loaded.model.max_positions - lengths[longest]
+    args.max_new_tokens = max(1, min(args.default_max_new_tokens, room))
+    if 1 <= room < args.default_max_new_tokens:
+        print(f"--max-new-tokens not given: using {room}, not the default {args.default_max_new_tokens}: the "
+              f"model has {loaded.model.max_positions} positions and the longest prompt "
+              f"({where(records[longest], longest)}) has {lengths[longest]} tokens", file=sys.stderr)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes `path` whole or not at all (a temporary file renamed over it): an interrupted
+    run never leaves a results file that lost the rows other runs put there."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: str, records) -> None:
+    write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))

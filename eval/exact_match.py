@@ -3,13 +3,18 @@
     python -m eval.exact_match (--model DIR | --anchor DIR --augment DIR ... [--composition RUN_DIR]
         [--encoder-mode]) --data FILE.jsonl --out DIR [--metrics chrf,bleu] [generation flags]
 
-Records may carry a "task" field: scores are given per task and over "all". Exact match
-compares `calm_jax.metrics.normalize_answer` of prediction and target (NFKC, whitespace
-trimmed and collapsed; case kept). Writes to DIR:
+Records may carry a "task" field: scores are given per task and over "all". Targets are
+compared as generations are rendered (the tokenizer's special tokens, e.g. the key-value
+task's markers, removed: `calm_jax.decoding.as_generated`). Exact match compares
+`calm_jax.metrics.normalize_answer` of prediction and target (NFKC, whitespace trimmed and
+collapsed; case kept). Writes to DIR:
   predictions-LABEL.jsonl   each record with its "prediction" and "correct"
-  results.json              {label: {"scores": {task: {n, exact_match, chrf?, bleu?}}, ...}}
-  results.md                one row per label, so runs of a plain model, a composition and
-                            its encoder mode into the same DIR sit side by side
+  results.json              {label: {"scores": {task: {n, exact_match, chrf?, bleu?}},
+                            "source": what was evaluated (eval.common.describe), "data", ...}}
+  results.md                one row per label, so runs of a plain model, compositions and
+                            their encoder mode into the same DIR sit side by side
+A rerun of the same row replaces it; a different model, data file or generation setting
+under a label DIR already has is refused (give it another --label).
 """
 
 from __future__ import annotations
@@ -20,8 +25,41 @@ import os
 import re
 import sys
 
-from calm_jax import metrics
+from calm_jax import decoding, metrics
 from eval import common
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label)
+
+
+def _read_results(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_row(results: dict, label: str, identity: dict, results_path: str) -> None:
+    """Refuses (SystemExit) to replace a row of `results` made by another model, data file or
+    generation setting, or to share a predictions file name with another row."""
+    old = results.get(label)
+    if old is not None:
+        diffs = []
+        for key, new in identity.items():
+            was = old.get(key)
+            if isinstance(was, dict) and isinstance(new, dict):
+                diffs += [f"{key}.{k}: {was.get(k)!r} there, {new.get(k)!r} here"
+                          for k in sorted(set(was) | set(new)) if was.get(k) != new.get(k)]
+            elif was != new:
+                diffs.append(f"{key}: {'not recorded' if was is None else repr(was)} there, {new!r} here")
+        if diffs:
+            raise SystemExit(f"error: {results_path} already has a row {label!r} from something else "
+                             f"({'; '.join(diffs)}); give this one another --label, or another --out")
+    clash = [other for other in results if other != label and _safe(other) == _safe(label)]
+    if clash:
+        raise SystemExit(f"error: label {label!r} would write the predictions file of row {clash[0]!r} in "
+                         f"{results_path}; give another --label")
 
 
 def markdown_table(results: dict) -> str:
@@ -56,29 +94,35 @@ def main(argv=None) -> int:
     unknown = sorted(set(extra) - set(metrics.METRICS))
     if unknown:
         raise SystemExit(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(metrics.METRICS)}")
-    loaded, records, gens, seconds = common.generate_for(args, args.data, need_target=True)
+    results_path = os.path.join(args.out, "results.json")
+    # As asked for (max_new_tokens None: the default, fitted to the model), so a row can be
+    # checked before any model loads.
+    generation = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop",
+                                                "no_eos_stop")}
+    identity = {}
+
+    def claim_row(label, source):
+        identity.update(json.loads(json.dumps({"source": source, "data": os.path.abspath(args.data),
+                                               "generation": generation})))
+        check_row(_read_results(results_path), label, identity, results_path)
+
+    loaded, records, gens, seconds = common.generate_for(args, args.data, need_target=True, before_loading=claim_row)
 
     preds = [g.text for g in gens]
-    targets = [r["target"] for r in records]
+    targets = [decoding.as_generated(loaded.tokenizer, r["target"]) for r in records]
     scores = metrics.summarize([r.get("task") for r in records], preds, targets, extra)
     os.makedirs(args.out, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", loaded.label)
-    common.write_jsonl(os.path.join(args.out, f"predictions-{safe}.jsonl"),
-                       [{**r, "prediction": p, "correct": metrics.exact_match(p, r["target"])}
-                        for r, p in zip(records, preds)])
-    results_path = os.path.join(args.out, "results.json")
-    results = {}
-    if os.path.isfile(results_path):
-        with open(results_path) as f:
-            results = json.load(f)
-    results[loaded.label] = {"scores": scores, "data": args.data, "encoder_mode": bool(args.encoder_mode),
+    common.write_jsonl(os.path.join(args.out, f"predictions-{_safe(loaded.label)}.jsonl"),
+                       [{**r, "prediction": p, "correct": metrics.exact_match(p, t)}
+                        for r, p, t in zip(records, preds, targets)])
+    results = _read_results(results_path)
+    check_row(results, loaded.label, identity, results_path)  # another process may have written it meanwhile
+    results[loaded.label] = {"scores": scores, **identity, "encoder_mode": bool(args.encoder_mode),
                              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                              "seconds": round(seconds, 2)}
-    with open(results_path, "w") as f:
-        json.dump(results, f, indent=2)
+    common.write_text(results_path, json.dumps(results, indent=2))
     table = markdown_table(results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
+    common.write_text(os.path.join(args.out, "results.md"), table)
     print(table)
     print(f"{loaded.label}: {len(records)} records in {seconds:.1f}s (compilation included) -> {args.out}",
           file=sys.stderr)

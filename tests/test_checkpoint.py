@@ -60,6 +60,24 @@ def test_checkpoints_refuse_other_base_models(tmp_path):
         ckpt.Checkpoints(str(tmp_path), {**bases, "anchor": ckpt.fingerprint(ANCHOR, theta)})
 
 
+def test_storage_dtype_does_not_change_identity_or_says_what_differs(tmp_path):
+    _, _, frozen = tiny_composition()
+    aug = jax.device_put(frozen["augments"][0])
+    as_dtype = lambda dtype: jax.tree.map(lambda x: x.astype(dtype), aug)  # noqa: E731
+    trained = {"augment_0": ckpt.fingerprint(AUG, aug)}
+    for dtype in (jnp.bfloat16, jnp.float16):
+        ckpt.check_bases(trained, {"augment_0": ckpt.fingerprint(AUG, as_dtype(dtype))}, "run")
+    # fp16 -> bf16 rounds differently from fp32 -> bf16, and bf16 weights cannot give fp16's
+    # rounding back: the two stored dtypes cannot be compared, and the error says that.
+    with pytest.raises(ckpt.BaseModelMismatch, match="augment_0 has the same config, but its weights are stored in "
+                                                     "float16 here and were bfloat16 in training"):
+        ckpt.check_bases({"augment_0": ckpt.fingerprint(AUG, as_dtype(jnp.bfloat16))},
+                         {"augment_0": ckpt.fingerprint(AUG, as_dtype(jnp.float16))}, "run")
+    # Other weights in the same dtype are still just other weights.
+    with pytest.raises(ckpt.BaseModelMismatch, match="augment_0 has the same config but different weights"):
+        ckpt.check_bases(trained, {"augment_0": ckpt.fingerprint(AUG, jax.tree.map(lambda x: x + 0.01, aug))}, "run")
+
+
 def _state(step, n=8):
     return {"x": jnp.full((n,), step, jnp.float32), "step": jnp.int32(step)}
 

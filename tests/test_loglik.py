@@ -102,8 +102,8 @@ def test_cli(setup, tmp_path, capsys):
 
 @pytest.mark.parametrize("content, message", [
     (None, "data file not found"),
-    ('{"prompt": "a", "target": "b"}\n{"prompt": "a", \n', "d.jsonl:2: not valid JSON"),
-    ('{"prompt": "a", "answer": "b"}\n', 'd.jsonl:1: expected {"prompt", "target"} or {"text"}'),
+    ('{"prompt": "a", "target": "b"}\n{"prompt": "a", \n', "d.jsonl: line 2: not valid JSON"),
+    ('{"prompt": "a", "answer": "b"}\n', 'd.jsonl: line 1: expected {"prompt", "target"} or {"text"}'),
     ("\n\n", "has no records"),
 ])
 def test_cli_bad_data(setup, tmp_path, capsys, content, message):

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -121,3 +122,49 @@ def test_cli_refuses_to_overwrite_or_to_resume_against_other_models(hf_dirs, tmp
     # The same models stored in bf16 are the same models.
     ckpt.load_composition(str(out), load_pretrained(hf_dirs["anchor"], param_dtype="bfloat16"),
                           [load_pretrained(hf_dirs["augment"], param_dtype="bfloat16")])
+    # So are they in float16, as eval's --dtype float16 loads them.
+    ckpt.load_composition(str(out), load_pretrained(hf_dirs["anchor"], dtype="float16"),
+                          [load_pretrained(hf_dirs["augment"], dtype="float16")])
+
+
+def test_cli_checks_data_and_connections_before_loading_weights(hf_dirs, tmp_path, capsys, monkeypatch):
+    from calm_jax import loading
+
+    monkeypatch.setattr(loading, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded before the checks"))
+    numeric = _write_jsonl(tmp_path / "numeric.jsonl", [{"prompt": "ab=", "target": "ba"},
+                                                        {"prompt": "64-28=", "target": 36}])
+    err = _error(capsys, compose_argv({**hf_dirs, "train": numeric}, tmp_path / "r1"))
+    assert "numeric.jsonl: line 2: field 'target' must be a string, found int 36" in err
+    err = _error(capsys, compose_argv(hf_dirs, tmp_path / "r2", "--connections", "0:5-1"))
+    assert "layer 5 out of range for augmenting model 0" in err
+    err = _error(capsys, compose_argv(hf_dirs, tmp_path / "r3", "--seq-len", "4"))
+    assert "train.jsonl: line 1 has 9 tokens, more than the sequence length 4" in err  # lines count from 1
+
+
+def test_cli_defaults_fit_small_models_and_resume_says_so(hf_dirs, tmp_path, capsys, monkeypatch):
+    """A 64-position anchor and 3 steps: the default --seq-len (128) and --warmup (100) do not fit,
+    so others are used and said; the progress bar's rate leaves out the compiling first step."""
+    from calm_jax import trainer
+
+    small = tmp_path / "anchor64"
+    shutil.copytree(hf_dirs["anchor"], small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    bars = []
+    progress = trainer._progress
+    monkeypatch.setattr(trainer, "_progress", lambda cfg, start: bars.append(progress(cfg, start)) or bars[-1])
+    out = tmp_path / "run"
+    argv = ["--anchor", str(small), "--augment", hf_dirs["augment"], "--data", hf_dirs["train"], "--out", str(out),
+            "--batch-size", "8"]
+    assert compose.main([*argv, "--steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "--seq-len not given: using 64, the models' position limit, not the default 128" in printed
+    assert "--warmup not given: using 0 (a tenth of --steps), not the default 100" in printed
+    lrs = [r["lr"] for r in trainer.read_metrics(str(out)) if "loss" in r]
+    assert lrs[0] == pytest.approx(1e-3)  # the first step already at the full (default) learning rate
+    assert (bars[0].n, bars[0].initial) == (3, 1)  # rate and ETA are counted from step 1 on
+    assert compose.main([*argv, "--steps", "4", "--resume"]) == 0
+    assert f"{out}: resuming from step 3 (of 4)" in capsys.readouterr().out
+    assert (bars[1].n, bars[1].initial) == (4, 4)
+    with pytest.raises(SystemExit, match="warmup 5 is more than steps 3, so no step would run at the full"):
+        compose.main([*argv, "--steps", "3", "--warmup", "5"])

@@ -243,11 +243,11 @@ def test_load_dataset_flags_targets_and_pads(jsonl):
 def test_load_dataset_errors(jsonl, tmp_path):
     with pytest.raises(data_lib.DataError, match="data file not found: .*missing.jsonl"):
         data_lib.load_dataset(str(tmp_path / "missing.jsonl"), CharTokenizer(), 8)
-    with pytest.raises(data_lib.DataError, match=r"record 2 has 10 tokens, more than the sequence length 8"):
+    with pytest.raises(data_lib.DataError, match=r": line 2 has 10 tokens, more than the sequence length 8"):
         data_lib.load_dataset(jsonl([{"text": "ab"}, {"text": "abcdefgh"}]), CharTokenizer(), 8)
-    with pytest.raises(data_lib.DataError, match=r"record 1 has no target token"):
+    with pytest.raises(data_lib.DataError, match=r": line 1 has no target token"):
         data_lib.load_dataset(jsonl([{"prompt": "ab", "target": ""}]), CharTokenizer(), 8, append_eos=False)
-    with pytest.raises(data_lib.DataError, match=r":2: expected"):
+    with pytest.raises(data_lib.DataError, match=r": line 2: expected"):
         data_lib.load_dataset(jsonl([{"text": "ab"}, {"prompt": "ab"}]), CharTokenizer(), 8)
 
 

@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training (calm_jax.trainer.TrainConfig)")
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int, help="global batch size")
-    t.add_argument("--seq-len", type=int)
+    t.add_argument("--seq-len", type=int, help="default: 128, or the models' position limit if lower")
     t.add_argument("--lr", type=float)
-    t.add_argument("--warmup", type=int, help="linear warmup steps")
+    t.add_argument("--warmup", type=int, help="linear warmup steps (default: 100, or a tenth of --steps if more)")
     t.add_argument("--end-lr-ratio", type=float, help="cosine decay ends at lr * this")
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--clip", type=float, help="global gradient-norm clip")
@@ -90,10 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(argv) -> dict:
-    """Flag values: built-in defaults < --config file < command-line flags."""
+    """Flag values: built-in defaults < --config file < command-line flags.
+
+    values["given"]: the names of the settings the file or the flags set; values["notices"]:
+    defaults changed to fit the other settings, to print at the start.
+    """
     args = build_parser().parse_args(argv)
     values = {**{k: f.default for k, f in _TRAIN_FIELDS.items()}, **_MODEL_DEFAULTS}
     values.update(anchor=None, data=None, out=None)
+    given = set()
     if args.config:
         try:
             with open(args.config) as f:
@@ -104,7 +109,9 @@ def resolve(argv) -> dict:
         if unknown:
             raise SystemExit(f"--config {args.config}: unknown keys {unknown}")
         values.update({k.replace("-", "_"): v for k, v in file_values.items()})
+        given.update(k.replace("-", "_") for k in file_values)
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    given.update(k for k, v in vars(args).items() if v is not None and k != "config")
     if isinstance(values["augment"], str):
         values["augment"] = [values["augment"]]
     missing = [f"--{k.replace('_', '-')}" for k in ("anchor", "augment", "data", "out") if not values[k]]
@@ -114,6 +121,15 @@ def resolve(argv) -> dict:
         values["train"] = TrainConfig(**{k: values.pop(k) for k in list(values) if k in _TRAIN_FIELDS})
     except (TypeError, ValueError) as e:
         raise SystemExit(f"bad training settings: {e}") from None
+    cfg, notices = values["train"], []
+    if cfg.warmup > cfg.steps:
+        if "warmup" in given:  # asked for: the run would never reach the learning rate asked for
+            raise SystemExit(f"bad training settings: warmup {cfg.warmup} is more than steps {cfg.steps}, "
+                             "so no step would run at the full learning rate; lower --warmup")
+        notices.append(f"--warmup not given: using {cfg.steps // 10} (a tenth of --steps), not the default "
+                       f"{cfg.warmup}, which is more than the {cfg.steps} steps")
+        values["train"] = cfg.replace(warmup=cfg.steps // 10)
+    values.update(given=given, notices=notices)
     return values
 
 
@@ -127,38 +143,47 @@ def main(argv=None) -> int:
 
     from calm_jax import checkpoint, composition, data, trainer
     from calm_jax.config import ConfigError
-    from calm_jax.loading import CheckpointError, load_pretrained
+    from calm_jax.loading import CheckpointError, load_config, load_pretrained, load_tokenizer
     from calm_jax.model import param_shapes
     from calm_jax.train_step import join_composition, lm_loss
 
     cfg: TrainConfig = v["train"]
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *a, **k: None)
+    for notice in v["notices"]:
+        say(notice)
     try:
+        # Everything that needs no weights is checked first: loading them takes the longest.
         mesh = sharding.make_mesh(cfg.mesh)
-        place = lambda mcfg: sharding.param_shardings(mesh, param_shapes(mcfg), fsdp=cfg.fsdp)  # noqa: E731
-        anchor = load_pretrained(v["anchor"], param_dtype=v["frozen_dtype"], shardings=place)
-        augments = [load_pretrained(d, param_dtype=v["frozen_dtype"], shardings=place) for d in v["augment"]]
-        if anchor.tokenizer is None:
-            raise CheckpointError(f"{v['anchor']} has no tokenizer files; the training data must be tokenized")
-        missing_tok = [d for d, a in zip(v["augment"], augments) if a.tokenizer is None]
-        if missing_tok:
-            raise CheckpointError(f"{missing_tok[0]} has no tokenizer files, so its vocabulary cannot be checked")
-        composition.check_vocabularies(anchor.tokenizer, [a.tokenizer for a in augments])
+        configs = [load_config(d, param_dtype=v["frozen_dtype"]) for d in (v["anchor"], *v["augment"])]
         ccfg = composition.CompositionConfig(
-            anchor=anchor.config, augments=tuple(a.config for a in augments),
-            connections=parse_connections(v["connections"], len(augments)), num_heads=v["num_heads"],
+            anchor=configs[0], augments=tuple(configs[1:]),
+            connections=parse_connections(v["connections"], len(v["augment"])), num_heads=v["num_heads"],
             query_norm=v["query_norm"], zero_init_out=v["zero_init_out"], gate=v["gate"],
             cross_rope=v["cross_rope"])
         longest = composition.ComposedLM(ccfg).max_positions
+        if "seq_len" not in v["given"] and cfg.seq_len > longest:
+            say(f"--seq-len not given: using {longest}, the models' position limit, not the default {cfg.seq_len}")
+            cfg = cfg.replace(seq_len=longest)
         if cfg.seq_len > longest:
             raise data.DataError(f"--seq-len {cfg.seq_len} is longer than the models' position limit ({longest})")
+        tokenizers = [load_tokenizer(d) for d in (v["anchor"], *v["augment"])]
+        if tokenizers[0] is None:
+            raise CheckpointError(f"{v['anchor']} has no tokenizer files; the training data must be tokenized")
+        missing_tok = [d for d, t in zip(v["augment"], tokenizers[1:]) if t is None]
+        if missing_tok:
+            raise CheckpointError(f"{missing_tok[0]} has no tokenizer files, so its vocabulary cannot be checked")
+        composition.check_vocabularies(tokenizers[0], tokenizers[1:])
+        train_data = data.load_dataset(v["data"], tokenizers[0], cfg.seq_len, cfg.append_eos)
+        eval_data = (data.load_dataset(v["eval_data"], tokenizers[0], cfg.seq_len, cfg.append_eos)
+                     if v["eval_data"] else None)
+        place = lambda mcfg: sharding.param_shardings(mesh, param_shapes(mcfg), fsdp=cfg.fsdp)  # noqa: E731
+        anchor = load_pretrained(v["anchor"], param_dtype=v["frozen_dtype"], shardings=place, tokenizer=False)
+        augments = [load_pretrained(d, param_dtype=v["frozen_dtype"], shardings=place, tokenizer=False)
+                    for d in v["augment"]]
         theta = composition.init_theta(ccfg, jax.random.key(cfg.seed))
         say(composition.describe(ccfg, theta))
         say(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} device(s), {jax.process_count()} process(es)")
-        train_data = data.load_dataset(v["data"], anchor.tokenizer, cfg.seq_len, cfg.append_eos)
-        eval_data = (data.load_dataset(v["eval_data"], anchor.tokenizer, cfg.seq_len, cfg.append_eos)
-                     if v["eval_data"] else None)
         say(f"data: {len(train_data)} training examples" + (f", {len(eval_data)} eval" if eval_data else ""))
         checkpoint.save_composition_config(v["out"], ccfg)
         frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}

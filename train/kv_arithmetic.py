@@ -389,18 +389,14 @@ def evaluate(label: str, model, params, tok, eval_sets: dict, batch_size: int, o
     for task, records in eval_sets.items():
         gens = decoding.generate(model, params, [r["prompt"] for r in records], tokenizer=tok,
                                  max_new_tokens=longest + 1, batch_size=min(batch_size, len(records)))
-        correct = [metrics.exact_match(g.text, _as_generated(tok, r["target"])) for g, r in zip(gens, records)]
+        correct = [metrics.exact_match(g.text, decoding.as_generated(tok, r["target"]))
+                   for g, r in zip(gens, records)]
         scores[task] = sum(correct) / len(correct)
         _write_jsonl(os.path.join(out, "predictions", f"{label}-{task}.jsonl"),
                      [{**r, "prediction": g.text, "correct": c} for r, g, c in zip(records, gens, correct)])
         bar.update(1)
         bar.set_postfix_str(f"{label} {task}: {100 * scores[task]:.1f}%")
     return scores
-
-
-def _as_generated(tok, target: str) -> str:
-    """`target` as generated text renders it: special tokens (task markers) are not shown."""
-    return tok.decode(tok(target, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
 
 
 def table_markdown(results: dict) -> str:
