@@ -242,7 +242,9 @@ def as_generated(tokenizer, text: str) -> str:
     return text
 
 
-def _prompt_ids(prompts, tokenizer, max_new_tokens: int, max_positions: int, names=None) -> list[list[int]]:
+def prompt_token_ids(prompts, tokenizer, max_new_tokens: int, max_positions: int, names=None) -> list[list[int]]:
+    """The token ids `generate` decodes from, checked to fit: GenerationError names the prompt
+    (`names[i]`, default "prompt i") that is empty or leaves no room for max_new_tokens."""
     out = []
     for i, prompt in enumerate(prompts):
         name = names[i] if names is not None else f"prompt {i}"
@@ -281,7 +283,7 @@ def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_t
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts:
         raise GenerationError("no prompts given")
-    ids = _prompt_ids(prompts, tokenizer, max_new_tokens, model.max_positions, names)
+    ids = prompt_token_ids(prompts, tokenizer, max_new_tokens, model.max_positions, names)
     stop_ids = resolve_stop_ids(stop, model.vocab_size, tokenizer, stop_at_eos)
     # Padded with -1 (never generated) to a multiple of 8, so the stop list rarely changes the compiled shape.
     width = max(8, -(-len(stop_ids) // 8) * 8)

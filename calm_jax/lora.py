@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax.config import ModelConfig
-from calm_jax.model import LMOutput, forward, init_cache, param_shapes
+from calm_jax.model import LMOutput, accum_dtype, forward, init_cache, param_shapes
 
 # Adaptable kernels: name -> the sub-module of a decoder layer that holds it.
 TARGETS = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "up": "mlp", "gate": "mlp", "down": "mlp"}
@@ -122,7 +122,8 @@ def merge(base, lora, scale: float):
             merged[layer][block] = dict(base[layer][block])
             for t, ab in kernels.items():
                 dense = base[layer][block][t]
-                delta = scale * (ab["a"].astype(jnp.float32) @ ab["b"].astype(jnp.float32))
+                acc = accum_dtype(ab["a"].dtype)
+                delta = scale * (ab["a"].astype(acc) @ ab["b"].astype(acc))
                 merged[layer][block][t] = {**dense, "kernel": (dense["kernel"] + delta).astype(dense["kernel"].dtype)}
     return merged
 

@@ -27,7 +27,7 @@ from calm_jax import composition as comp
 from calm_jax import decoding
 from calm_jax.config import DTYPES, ConfigError
 from calm_jax.data import DataError, read_jsonl, where
-from calm_jax.loading import CheckpointError, load_pretrained
+from calm_jax.loading import CheckpointError, load_config, load_pretrained, load_tokenizer
 from calm_jax.model import PlainLM
 
 
@@ -97,6 +97,17 @@ def describe(args: argparse.Namespace) -> tuple[str, dict]:
     return args.label or label, source
 
 
+def tokenizer_and_positions(args: argparse.Namespace):
+    """(tokenizer, max positions) of the model the flags describe, from its files' configs and
+    tokenizer alone, so records can be checked before any weights load. Raises CheckpointError."""
+    dirs = [args.model] if args.model else [args.anchor, *args.augment]
+    positions = min(load_config(d, dtype=args.dtype).max_positions for d in dirs)
+    tokenizer = load_tokenizer(dirs[0])
+    if tokenizer is None:
+        raise CheckpointError(f"{dirs[0]} has no tokenizer files (tokenizer.json, ...): text cannot be encoded")
+    return tokenizer, positions
+
+
 def build_model(args: argparse.Namespace) -> Loaded:
     """The model the flags describe. Raises SystemExit with a clear message on bad flags."""
     label, source = describe(args)
@@ -161,31 +172,32 @@ def generate_for(args, path: str, need_target: bool = False, before_loading=None
         records = read_prompts(path, need_target)
         if before_loading is not None:
             before_loading(*describe(args))
+        tokenizer, positions = tokenizer_and_positions(args)
+        fit_max_new_tokens(args, tokenizer, positions, records)
+        names = [where(r, i) for i, r in enumerate(records)]
+        decoding.prompt_token_ids([r["prompt"] for r in records], tokenizer, args.max_new_tokens, positions, names)
         loaded = build_model(args)
-        if loaded.tokenizer is None:
-            raise SystemExit("the model directory has no tokenizer files: text prompts cannot be encoded")
-        fit_max_new_tokens(args, loaded, records)
         start = time.perf_counter()
         gens = decoding.generate(loaded.model, loaded.params, [r["prompt"] for r in records],
-                                 tokenizer=loaded.tokenizer, names=[where(r, i) for i, r in enumerate(records)],
+                                 tokenizer=loaded.tokenizer, names=names,
                                  **generation_kwargs(args))
         return loaded, records, gens, time.perf_counter() - start
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from e
 
 
-def fit_max_new_tokens(args, loaded: Loaded, records) -> None:
+def fit_max_new_tokens(args, tokenizer, max_positions: int, records) -> None:
     """Without --max-new-tokens: the script's default, lowered (and said so) when the model's
     positions leave less room after the longest prompt, so a small model's default works."""
     if args.max_new_tokens is not None:
         return  # asked for: decoding refuses it, naming the prompt, if it does not fit
-    lengths = [len(decoding.prompt_ids(loaded.tokenizer, r["prompt"])) for r in records]
+    lengths = [len(decoding.prompt_ids(tokenizer, r["prompt"])) for r in records]
     longest = max(range(len(records)), key=lengths.__getitem__)
-    room = loaded.model.max_positions - lengths[longest]
+    room = max_positions - lengths[longest]
     args.max_new_tokens = max(1, min(args.default_max_new_tokens, room))
     if 1 <= room < args.default_max_new_tokens:
         print(f"--max-new-tokens not given: using {room}, not the default {args.default_max_new_tokens}: the "
-              f"model has {loaded.model.max_positions} positions and the longest prompt "
+              f"model has {max_positions} positions and the longest prompt "
               f"({where(records[longest], longest)}) has {lengths[longest]} tokens", file=sys.stderr)
 
 

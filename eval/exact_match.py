@@ -20,6 +20,7 @@ under a label DIR already has is refused (give it another --label).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -97,8 +98,9 @@ def main(argv=None) -> int:
     results_path = os.path.join(args.out, "results.json")
     # As asked for (max_new_tokens None: the default, fitted to the model), so a row can be
     # checked before any model loads.
+    # batch_size too: sampled generations depend on it.
     generation = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop",
-                                                "no_eos_stop")}
+                                                "no_eos_stop", "batch_size")}
     identity = {}
 
     def claim_row(label, source):
@@ -112,17 +114,21 @@ def main(argv=None) -> int:
     targets = [decoding.as_generated(loaded.tokenizer, r["target"]) for r in records]
     scores = metrics.summarize([r.get("task") for r in records], preds, targets, extra)
     os.makedirs(args.out, exist_ok=True)
-    common.write_jsonl(os.path.join(args.out, f"predictions-{_safe(loaded.label)}.jsonl"),
-                       [{**r, "prediction": p, "correct": metrics.exact_match(p, t)}
-                        for r, p, t in zip(records, preds, targets)])
-    results = _read_results(results_path)
-    check_row(results, loaded.label, identity, results_path)  # another process may have written it meanwhile
-    results[loaded.label] = {"scores": scores, **identity, "encoder_mode": bool(args.encoder_mode),
-                             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                             "seconds": round(seconds, 2)}
-    common.write_text(results_path, json.dumps(results, indent=2))
-    table = markdown_table(results)
-    common.write_text(os.path.join(args.out, "results.md"), table)
+    # Held while the directory's files are read and rewritten: runs into one --out at once
+    # each add their row instead of the last writer's file winning.
+    with open(os.path.join(args.out, ".results.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = _read_results(results_path)
+        check_row(results, loaded.label, identity, results_path)  # another process may have written it meanwhile
+        common.write_jsonl(os.path.join(args.out, f"predictions-{_safe(loaded.label)}.jsonl"),
+                           [{**r, "prediction": p, "correct": metrics.exact_match(p, t)}
+                            for r, p, t in zip(records, preds, targets)])
+        results[loaded.label] = {"scores": scores, **identity, "encoder_mode": bool(args.encoder_mode),
+                                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                 "seconds": round(seconds, 2)}
+        common.write_text(results_path, json.dumps(results, indent=2))
+        table = markdown_table(results)
+        common.write_text(os.path.join(args.out, "results.md"), table)
     print(table)
     print(f"{loaded.label}: {len(records)} records in {seconds:.1f}s (compilation included) -> {args.out}",
           file=sys.stderr)

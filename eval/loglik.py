@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from calm_jax import data, loading, scoring
+from calm_jax import data, scoring
 from eval import common
 
 
@@ -30,9 +30,9 @@ def main(argv=None) -> int:
         parser.error("--encoder-mode is a decoding ablation; eval.loglik scores iterative compositions only")
     try:
         records = data.read_jsonl(args.data)
+        tokenizer, positions = common.tokenizer_and_positions(args)
+        scoring.encode_records(tokenizer, records, positions)  # bad records are named before weights load
         loaded = common.build_model(args)
-        if loaded.tokenizer is None:
-            raise loading.CheckpointError(f"{args.model or args.anchor} has no tokenizer files (tokenizer.json, ...)")
         scores = scoring.loglik(loaded.model, loaded.params, loaded.tokenizer, records, args.batch_size)
     except common.USER_ERRORS as e:
         print(f"eval.loglik: error: {e}", file=sys.stderr)

@@ -286,6 +286,8 @@ def test_no_leakage_from_later_tokens(params, batch):
         changed[:, t + 1:] = rng.integers(3, V, size=(B, T - t - 1))
         assert (changed != tokens).any()
         out = fwd(CCFG, params, changed, mask).logits_BxTxV
+        # Bit for bit: one compiled program, and a masked key's weight is exactly 0 (exp of
+        # -1e30 below the row's max), so later tokens cannot even change the rounding.
         # Padding slots are excluded: a query with no valid key spreads uniformly over all slots.
         real = mask[:, :t + 1, None]
         np.testing.assert_array_equal(np.where(real, out[:, :t + 1], 0), np.where(real, base[:, :t + 1], 0),

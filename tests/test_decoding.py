@@ -129,6 +129,7 @@ def test_uncached_decode_loop_equals_cached(plain):
     from calm_jax.data import pad_batch
     tokens, mask = pad_batch(PROMPTS, 16, left=True)
     args = (model, params, tokens, mask, jnp.zeros((0,), jnp.int32), jax.random.key(0))
+    # Same model and prompts as the test above, whose reference checks every step's margin.
     cached = decoding.decode(*args, max_new_tokens=N_NEW)
     uncached = decoding.decode(*args, max_new_tokens=N_NEW, use_cache=False)
     np.testing.assert_array_equal(cached.tokens_BxN, uncached.tokens_BxN)

@@ -10,6 +10,7 @@ import pytest
 from calm_jax import decoding
 from calm_jax.loading import Pretrained, save_pretrained
 from eval import common, exact_match, generate
+from tests import numerics
 from tests.test_decoding import char_tokenizer, random_params, tiny_config
 
 PROMPTS = ["ab+c", "hello 12", "x", "9*9=?"]
@@ -164,25 +165,38 @@ def test_loglik_scores_a_composition(dirs, tmp_path, capsys):
     import jax
     import numpy as np
 
+    from calm_jax import checkpoint
+    from calm_jax import composition as comp
     from calm_jax.data import encode
+    from calm_jax.loading import load_pretrained
     from eval import loglik
 
     records = [{"prompt": "ab+c", "target": "=12"}, {"prompt": "hello", "target": " x"}]
     data = tmp_path / "ll.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "scores.jsonl"
-    flags = _composed_flags(dirs)
-    assert loglik.main([*flags, "--data", str(data), "--out", str(out)]) == 0
-    scores = [json.loads(line)["loglik"] for line in out.read_text().splitlines()]
-    loaded = common.build_model(common_args(flags))
-    for record, score in zip(records, scores):
-        ids, flags_T = encode(loaded.tokenizer, record)
-        logits = loaded.model.apply(loaded.params, np.asarray([ids])).logits_BxTxV[0]
-        logp = jax.nn.log_softmax(logits[:-1], axis=-1)[np.arange(len(ids) - 1), np.asarray(ids[1:])]
-        # float32 on both sides, batched vs alone: 1e-4 relative is ~800 float32 units, above
-        # the rounding of these std-0.3 random weights (up to ~150 units seen, tests/numerics.py)
-        # and far below a wiring error (another model, token or flag: >= 1e-2).
-        assert score == pytest.approx(float(np.sum(np.asarray(logp)[np.asarray(flags_T[1:])])), rel=1e-4)
+    # The CLI batched vs a direct forward of each record alone: an identity, so in float64
+    # (tests/numerics.py): a float64 Θ_C in a run directory, the frozen models at --dtype float64.
+    with numerics.float64():
+        models = [load_pretrained(dirs[name], dtype="float64") for name in ("anchor", "aug1", "aug2")]
+        ccfg = comp.CompositionConfig(models[0].config, (models[1].config, models[2].config), dtype="float64")
+        theta = jax.tree.map(lambda x: 3.0 * x, comp.init_theta(ccfg, jax.random.key(5)))
+        run = str(tmp_path / "run64")
+        checkpoint.save_composition_config(run, ccfg)
+        ckpts = checkpoint.Checkpoints(run, checkpoint.composition_bases(models[0], models[1:]), async_save=False)
+        ckpts.save(1, {"trainable": theta}, {"step": 1})
+        ckpts.close()
+        flags = [*_composed_flags(dirs), "--composition", run, "--dtype", "float64"]
+        assert loglik.main([*flags, "--data", str(data), "--out", str(out)]) == 0
+        scores = [json.loads(line)["loglik"] for line in out.read_text().splitlines()]
+        loaded = common.build_model(common_args(flags))
+        assert loaded.model.ccfg.anchor.dtype == loaded.model.ccfg.dtype == "float64"
+        for record, score in zip(records, scores):
+            ids, flags_T = encode(loaded.tokenizer, record)
+            logits = loaded.model.apply(loaded.params, np.asarray([ids])).logits_BxTxV[0]
+            assert logits.dtype == np.float64
+            logp = jax.nn.log_softmax(logits[:-1], axis=-1)[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+            numerics.assert_identity(np.float64(score), np.sum(np.asarray(logp)[np.asarray(flags_T[1:])]))
     with pytest.raises(SystemExit):
         loglik.main([*flags, "--encoder-mode", "--data", str(data)])
     assert "--encoder-mode is a decoding ablation" in capsys.readouterr().err

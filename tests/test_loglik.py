@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -56,6 +57,7 @@ def test_padding_and_batching_do_not_change_scores(setup):
     # An identity (padding and batching only reorder the maths): float64, tests/numerics.py.
     path = setup[0]
     ours = load_pretrained(path, dtype="float64")
+    assert ours.config.dtype == "float64" and all(x.dtype == np.float64 for x in jax.tree.leaves(ours.params))
     lm = model.PlainLM(ours.config)
     target = RECORDS[0]
     alone = scoring.loglik(lm, ours.params, ours.tokenizer, [target], batch_size=1)[0]

@@ -107,7 +107,7 @@ def test_lr_schedule_warmup_then_cosine():
     s = ts.lr_schedule(1.0, steps=10, warmup=4, end_lr_ratio=0.1)
     # optax evaluates these in float32 with two or three roundings each: 8 units of 2**-23 bound them.
     np.testing.assert_allclose([s(i) for i in range(4)], [0.25, 0.5, 0.75, 1.0], rtol=8 * numerics.EPS32)
-    assert float(s(4)) == pytest.approx(1.0) and float(s(10)) == pytest.approx(0.1)
+    assert float(s(4)) == pytest.approx(1.0) and float(s(10)) == pytest.approx(0.1)  # approx's 1e-6: as above
     assert all(float(s(i)) > float(s(i + 1)) for i in range(4, 9))
 
 
