@@ -36,8 +36,8 @@ from flax import struct
 from calm_jax import masks
 from calm_jax.config import ModelConfig
 from calm_jax.cross_attention import CrossAttention
-from calm_jax.model import KVCache, LMOutput, forward, init_cache
-from calm_jax.train_step import next_token_loss
+from calm_jax.model import KVCache, LMOutput, forward, head_logits, init_cache
+from calm_jax.train_step import chunked_next_token_loss, next_token_loss
 
 Pair = tuple[int, int]
 
@@ -270,7 +270,8 @@ def init_composed_cache(ccfg: CompositionConfig, batch: int, length: int) -> Com
 
 
 def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None, cache: ComposedCache | None = None,
-                     encoder_mode: bool = False, augment_mask_BxT=None) -> LMOutput:
+                     encoder_mode: bool = False, augment_mask_BxT=None, remat: str = "none",
+                     logits: bool = True) -> LMOutput:
     """The composed model m_A⊕B on tokens_BxT; returns LMOutput(logits_BxTxV, {}, cache).
 
     params: {"theta": Θ_C, "anchor": anchor params, "augments": (augment params, ...)}.
@@ -281,6 +282,11 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
       mask_BxT. Without a cache, the prompt's mask here gives encoder-mode semantics.
     cache: a ComposedCache from `init_composed_cache`; tokens are written at its index. See
       the module docstring for iterative vs `encoder_mode` decoding.
+    remat: the anchor layers' rematerialisation in a backward pass (model.REMAT_POLICIES).
+      Only the anchor needs one: the augmenting models are under stop_gradient, so autodiff
+      keeps nothing of theirs (nor of anchor layers before the first connection).
+    logits: False returns the anchor's last-layer stream as taps[N_B - 1] instead of logits
+      (model.head_logits makes them), for a loss that computes logits in chunks.
     """
     if mask_BxT is None:
         mask_BxT = jnp.ones(tokens_BxT.shape, bool)
@@ -347,13 +353,38 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
                                  for module, p, k, v, mask in terms[j])
         return add_cross
 
+    last = ccfg.anchor.num_layers - 1
     out = forward(ccfg.anchor, frozen_anchor, tokens_BxT, mask_BxT, anchor_pos_BxT,
-                  cache=None if cache is None else cache.anchor, hooks={j: hook(j) for j in terms})
+                  cache=None if cache is None else cache.anchor, hooks={j: hook(j) for j in terms},
+                  taps=() if logits else (last,), logits=logits, remat=remat)
     new_cache = None
     if cache is not None:
         new_cache = ComposedCache(anchor=out.cache, augments=tuple(new_aug_caches), cross_k=tuple(new_k),
                                   cross_v=tuple(new_v), augments_done=cache.augments_done or encoder_mode)
-    return LMOutput(logits_BxTxV=out.logits_BxTxV, taps={}, cache=new_cache)
+    return LMOutput(logits_BxTxV=out.logits_BxTxV, taps=out.taps, cache=new_cache)
+
+
+def composed_loss(ccfg: CompositionConfig, remat: str = "none", loss_chunk: int = 0):
+    """The loss_fn (calm_jax.train_step) train.compose trains Θ_C with: loss_fn(theta, frozen, batch)
+    -> (loss_sum, n_tokens), frozen = {"anchor", "augments"}.
+
+    remat: see `composed_forward`. loss_chunk: 0 for the plain loss over the B x T x V logits;
+    N > 0 makes the logits N positions at a time (`train_step.chunked_next_token_loss`). The
+    loss and Θ_C's gradients are the same either way.
+    """
+    if loss_chunk < 0:
+        raise ValueError(f"loss_chunk must be >= 0, got {loss_chunk}")
+
+    def loss_fn(theta, frozen, batch):
+        params = {"theta": theta, **frozen}
+        tokens_BxT, mask_BxT, target_BxT = batch["tokens_BxT"], batch["mask_BxT"], batch["target_BxT"]
+        out = composed_forward(ccfg, params, tokens_BxT, mask_BxT, remat=remat, logits=not loss_chunk)
+        if not loss_chunk:
+            return next_token_loss(out.logits_BxTxV, tokens_BxT, target_BxT)
+        anchor = jax.lax.stop_gradient(frozen["anchor"])
+        return chunked_next_token_loss(lambda h: head_logits(ccfg.anchor, anchor, h),
+                                       out.taps[ccfg.anchor.num_layers - 1], tokens_BxT, target_BxT, loss_chunk)
+    return loss_fn
 
 
 def encoder_mode_loss(ccfg: CompositionConfig):
@@ -384,14 +415,16 @@ class ComposedLM:
     encoder_mode: decode with the augmenting models seeing only the prefill (module docstring).
     """
 
-    def __init__(self, ccfg: CompositionConfig, encoder_mode: bool = False):
+    def __init__(self, ccfg: CompositionConfig, encoder_mode: bool = False, remat: str = "none"):
         self.ccfg = ccfg
         self.encoder_mode = encoder_mode
+        self.remat = remat
         self.vocab_size = ccfg.anchor.vocab_size
         self.max_positions = min(c.max_positions for c in (ccfg.anchor, *ccfg.augments))
 
     def apply(self, params, tokens_BxT, mask_BxT=None, cache=None, *, augment_mask_BxT=None) -> LMOutput:
-        return composed_forward(self.ccfg, params, tokens_BxT, mask_BxT, cache, self.encoder_mode, augment_mask_BxT)
+        return composed_forward(self.ccfg, params, tokens_BxT, mask_BxT, cache, self.encoder_mode, augment_mask_BxT,
+                                self.remat)
 
     def init_cache(self, batch: int, length: int) -> ComposedCache:
         return init_composed_cache(self.ccfg, batch, length)

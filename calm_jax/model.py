@@ -27,6 +27,12 @@ from calm_jax.config import ModelConfig
 
 Hook = Callable[[jax.Array], jax.Array]
 
+# Rematerialisation of each decoder layer in a backward pass (memory for compute):
+#   none: keep what autodiff keeps; full: keep only each layer's input, recompute the rest;
+#   dots: keep the weight matmuls' outputs, recompute attention scores and elementwise ops.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 _ACTIVATIONS = {
     "silu": nn.silu,
     "swish": nn.silu,
@@ -220,11 +226,13 @@ class Decoder(nn.Module):
     """The decoder LM. Use through `forward(cfg, params, ...)`."""
 
     cfg: ModelConfig
+    remat: str = "none"  # a REMAT_POLICIES name
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, mask_BxT, cache: KVCache | None = None,
                  taps: Sequence[int] = (), hooks: Mapping[int, Hook] | None = None, logits: bool = True):
         cfg = self.cfg
+        block = Block if self.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[self.remat])
         hooks = hooks or {}
         b, t = tokens_BxT.shape
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -268,7 +276,7 @@ class Decoder(nn.Module):
                 continue
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             mask_BxTxS = window_mask if cfg.uses_window(i) else full_mask
-            h_BxTxD, layer_kv = Block(cfg, name=f"layers_{i}")(h_BxTxD, rope, mask_BxTxS, kv, index)
+            h_BxTxD, layer_kv = block(cfg, name=f"layers_{i}")(h_BxTxD, rope, mask_BxTxS, kv, index)
             if i in hooks:
                 h_BxTxD = hooks[i](h_BxTxD)
             if i in taps:
@@ -293,7 +301,8 @@ class Decoder(nn.Module):
 
 
 def forward(cfg: ModelConfig, params, tokens_BxT, mask_BxT=None, positions_BxT=None, cache: KVCache | None = None,
-            taps: Sequence[int] = (), hooks: Mapping[int, Hook] | None = None, logits: bool = True) -> LMOutput:
+            taps: Sequence[int] = (), hooks: Mapping[int, Hook] | None = None, logits: bool = True,
+            remat: str = "none") -> LMOutput:
     """Runs the LM on `tokens_BxT`.
 
     mask_BxT: True for real tokens, False for padding (default: all real). Left or right
@@ -304,7 +313,11 @@ def forward(cfg: ModelConfig, params, tokens_BxT, mask_BxT=None, positions_BxT=N
     taps: layer indices whose output (the residual stream after layer i) to return.
     hooks: {layer i: fn(h_BxTxD) -> h_BxTxD}, applied to the stream after layer i.
     logits: False skips the final norm and head (and all layers after the last tap/hook).
+    remat: what a backward pass through each layer recomputes instead of storing
+      (REMAT_POLICIES); the values are the same.
     """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMAT_POLICIES)}")
     for i in list(taps) + list(hooks or {}):
         if not 0 <= i < cfg.num_layers:
             raise IndexError(f"layer index {i} out of range for a {cfg.num_layers}-layer {cfg.family} model")
@@ -314,13 +327,25 @@ def forward(cfg: ModelConfig, params, tokens_BxT, mask_BxT=None, positions_BxT=N
     if positions_BxT is None:
         offset_B = None if cache is None else cache.valid_BxS.sum(-1).astype(jnp.int32)
         positions_BxT = masks.positions_from_mask(mask_BxT, offset_B)
-    return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxT, cache,
-                              tuple(taps), hooks, logits)
+    return Decoder(cfg, remat).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxT, cache,
+                                     tuple(taps), hooks, logits)
 
 
 def final_norm(cfg: ModelConfig, params, h_BxTxD):
     """The model's final norm on a residual stream: maps `taps[num_layers - 1]` to HF's last hidden state."""
     return make_norm(cfg, "final_norm").apply({"params": params["final_norm"]}, h_BxTxD)
+
+
+def head_logits(cfg: ModelConfig, params, h_BxTxD):
+    """Logits from the last layer's output `taps[num_layers - 1]`: the final norm and the head,
+    as `forward` applies them (for losses that compute logits a chunk of positions at a time)."""
+    h_BxTxD = final_norm(cfg, params, h_BxTxD)
+    if cfg.tie_embeddings:
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        logits_BxTxV = embed.apply({"params": params["embed"]}, h_BxTxD, method=nn.Embed.attend)
+    else:
+        logits_BxTxV = _dense(cfg, cfg.vocab_size, False, "lm_head").apply({"params": params["lm_head"]}, h_BxTxD)
+    return logits_BxTxV.astype(accum_dtype(logits_BxTxV.dtype))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array):

@@ -34,11 +34,44 @@ def next_token_loss(logits_BxTxV, tokens_BxT, target_BxT):
 
     Log-softmax in at least fp32. Returns (loss_sum, n_tokens), scalars of that dtype.
     """
+    return _nll_sums(logits_BxTxV[:, :-1], tokens_BxT[:, 1:], target_BxT[:, 1:])
+
+
+def _nll_sums(logits_BxTxV, next_BxT, w_BxT):
+    """(sum of -log p(next) weighted by w, sum of w) with the log-softmax in at least fp32."""
     dtype = accum_dtype(logits_BxTxV.dtype)
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(dtype), axis=-1)
-    nll_BxT = -jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    w_BxT = target_BxT[:, 1:].astype(dtype)
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(dtype), axis=-1)
+    nll_BxT = -jnp.take_along_axis(logp_BxTxV, next_BxT[..., None], axis=-1)[..., 0]
+    w_BxT = w_BxT.astype(dtype)
     return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT)
+
+
+def chunked_next_token_loss(head: Callable[[jax.Array], jax.Array], h_BxTxD, tokens_BxT, target_BxT,
+                            chunk: int):
+    """`next_token_loss(head(h_BxTxD), ...)` without ever holding the B x T x V logits.
+
+    head: h_BxCxD -> logits_BxCxV (e.g. the final norm and LM head). The logits are made
+    `chunk` positions at a time inside a `lax.map`, and remade in the backward pass
+    (`jax.checkpoint`): at most B x chunk x V of them exist at once, against B x T x V (with
+    its softmax copies) for the plain loss, which dominates memory at a 128k vocabulary.
+    """
+    h_BxTxD, next_BxT, w_BxT = h_BxTxD[:, :-1], tokens_BxT[:, 1:], target_BxT[:, 1:]
+    b, t = next_BxT.shape
+    pad = -t % chunk
+    if pad:  # padded positions carry weight 0
+        h_BxTxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        next_BxT, w_BxT = jnp.pad(next_BxT, ((0, 0), (0, pad))), jnp.pad(w_BxT, ((0, 0), (0, pad)))
+
+    def chunks(x_BxT):  # -> x_KxBxC: K chunks of C positions
+        return jnp.swapaxes(x_BxT.reshape(b, -1, chunk, *x_BxT.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def one(xs):
+        h_BxCxD, next_BxC, w_BxC = xs
+        return _nll_sums(head(h_BxCxD), next_BxC, w_BxC)
+
+    loss_K, n_K = jax.lax.map(one, (chunks(h_BxTxD), chunks(next_BxT), chunks(w_BxT)))
+    return jnp.sum(loss_K), jnp.sum(n_K)
 
 
 def lm_loss(apply: Callable, join: Callable[[Any, Any], Any] | None = None) -> LossFn:

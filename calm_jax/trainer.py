@@ -27,6 +27,7 @@ from calm_jax import data as data_lib
 from calm_jax import sharding as shard_lib
 from calm_jax import train_step as ts
 from calm_jax.loading import CheckpointError
+from calm_jax.model import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +53,20 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept
     append_eos: bool = True  # end each target with EOS, so the model learns to stop
     progress: bool = True  # tqdm bar
+    # Memory for compute; neither changes the loss or the gradients. What the caller's loss
+    # does with them (composition.composed_loss): the anchor layers' rematerialisation
+    # (model.REMAT_POLICIES) and the loss's logits made loss_chunk positions at a time (0: all).
+    remat: str = "none"
+    loss_chunk: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
 

@@ -49,12 +49,14 @@ def test_cli_end_to_end(hf_dirs, tmp_path, capsys):
     with open(config, "w") as f:
         json.dump({"steps": 4, "lr": 0.003, "warmup": 1, "save_every": 100, "eval_every": 3, "seed": 5}, f)
     out = tmp_path / "run"
-    # The flag overrides the config file's steps.
+    # The flag overrides the config file's steps; remat and the chunked loss go through to the step.
     rc = compose.main(compose_argv(hf_dirs, out, "--config", config, "--steps", "6", "--eval-data", hf_dirs["eval"],
-                                   "--mesh", "data=4,model=2", "--connections", "0:1-0,0:2-2"))
+                                   "--mesh", "data=4,model=2", "--connections", "0:1-0,0:2-2", "--remat", "full",
+                                   "--loss-chunk", "5"))
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert "augment 0: layer 1 -> anchor layer 0" in printed.out and "layer 2 -> anchor layer 2" in printed.out
+    assert "memory: remat full, loss in chunks of 5 positions" in printed.out
     records = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]

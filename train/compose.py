@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 
+from calm_jax.model import REMAT_POLICIES
 from calm_jax.trainer import TrainConfig  # importing jax does not start it; initialize can still run
 
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--clip", type=float, help="global gradient-norm clip")
     t.add_argument("--grad-accum", type=int, help="micro-batches per step")
+    t.add_argument("--remat", choices=tuple(REMAT_POLICIES),
+                   help="what the anchor's layers recompute in the backward pass instead of storing: none, "
+                        "full (keep only each layer's input), dots (keep the weight matmuls' outputs)")
+    t.add_argument("--loss-chunk", type=int, metavar="N",
+                   help="compute the loss's logits N positions at a time (0: all at once), so B x T x V "
+                        "logits never exist at once")
     t.add_argument("--seed", type=int)
     t.add_argument("--mesh", help="device mesh, e.g. data=4,model=2 (default: all devices on data)")
     t.add_argument("--no-fsdp", dest="fsdp", action="store_false", default=None,
@@ -145,7 +152,6 @@ def main(argv=None) -> int:
     from calm_jax.config import ConfigError
     from calm_jax.loading import CheckpointError, load_config, load_pretrained, load_tokenizer
     from calm_jax.model import param_shapes
-    from calm_jax.train_step import join_composition, lm_loss
 
     cfg: TrainConfig = v["train"]
     main_process = jax.process_index() == 0
@@ -184,11 +190,13 @@ def main(argv=None) -> int:
         theta = composition.init_theta(ccfg, jax.random.key(cfg.seed))
         say(composition.describe(ccfg, theta))
         say(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} device(s), {jax.process_count()} process(es)")
+        say(f"memory: remat {cfg.remat}, loss " + (f"in chunks of {cfg.loss_chunk} positions" if cfg.loss_chunk
+                                                  else "over all positions at once"))
         say(f"data: {len(train_data)} training examples" + (f", {len(eval_data)} eval" if eval_data else ""))
         checkpoint.save_composition_config(v["out"], ccfg)
         frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}
         result = trainer.train(
-            v["out"], cfg, lm_loss(composition.ComposedLM(ccfg).apply, join_composition), theta, frozen,
+            v["out"], cfg, composition.composed_loss(ccfg, cfg.remat, cfg.loss_chunk), theta, frozen,
             train_data, eval_data, bases=checkpoint.composition_bases(anchor, augments), resume=v["resume"],
             mesh=mesh, meta={"anchor": v["anchor"], "augments": v["augment"]})
     except (CheckpointError, ConfigError, composition.CompositionError, data.DataError, sharding.MeshError) as e:
