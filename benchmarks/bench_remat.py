@@ -41,7 +41,7 @@ PEER_ANCHOR = ModelConfig(family="llama", vocab_size=512, hidden_size=512, num_l
                           num_kv_heads=8, head_dim=64, intermediate_size=1408, max_positions=512)
 PEER_AUGMENT = ModelConfig(family="llama", vocab_size=512, hidden_size=256, num_layers=8, num_heads=4,
                            num_kv_heads=4, head_dim=64, intermediate_size=704, max_positions=512)
-# ~1.1B anchor (Llama-style, 32k vocabulary) and a ~0.3B augmenting model.
+# ~0.95B anchor (Llama-style, 32k vocabulary) and a ~0.3B augmenting model.
 ANCHOR_1B = ModelConfig(family="llama", vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16,
                         num_kv_heads=16, head_dim=128, intermediate_size=5632, max_positions=4096)
 AUGMENT_03B = ModelConfig(family="llama", vocab_size=32000, hidden_size=1024, num_layers=16, num_heads=8,

@@ -92,7 +92,7 @@ def test_remat_trades_activations_for_recomputation_at_the_peer_shape():
 
 
 def test_remat_shrinks_a_1b_anchor_step_at_2048_positions():
-    """A ~1.1B anchor (hidden 2048, 16 layers, 32k vocabulary) with a ~0.3B augmenting model,
+    """A ~0.95B anchor (hidden 2048, 16 layers, 32k vocabulary) with a ~0.3B augmenting model,
     one row of 2048 tokens, abstract inputs: "full" keeps 16 layer inputs instead of their
     activations. Measured, loss in chunks of 512: temporaries 8.1 -> 3.9 GiB (benchmarks/results/remat.jsonl)."""
     anchor = ModelConfig(family="llama", vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16,
