@@ -10,9 +10,9 @@ chunk), with the step's FLOPs (our count, and XLA's). Two more lines per shape c
 autodiff stores for frozen computation: a deeper augmenting model, and the first connected
 anchor layer moved up, at remat "none".
 
-Compiled under XLA's memory-minimising CPU schedule: the default (concurrency-optimised)
-one runs the rematerialised layers early and hides most of what remat saves (peer shape:
-324 -> 285 MiB for the anchor alone, against 276 -> 86 MiB with this schedule).
+Compiled with calm_jax.plan.CPU_COMPILER_OPTIONS: XLA:CPU's defaults (the concurrency-optimised
+schedule, and CSE across remat's barriers) run the recomputation with the forward pass and
+hide most of what remat saves (peer shape, the anchor alone: 324 -> 285 MiB).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench_train_step import step_flops  # noqa: E402
+from calm_jax import plan  # noqa: E402
 from calm_jax import train_step as ts  # noqa: E402
 from calm_jax.composition import CompositionConfig, composed_loss, init_theta  # noqa: E402
 from calm_jax.config import ModelConfig  # noqa: E402
@@ -58,7 +58,7 @@ def compiled_step(ccfg: CompositionConfig, b: int, t: int, remat: str, loss_chun
              "target_BxT": jax.ShapeDtypeStruct((b, t), bool)}
     step = ts.make_train_step(composed_loss(ccfg, remat, loss_chunk), opt)
     start = time.perf_counter()
-    compiled = step.jitted.lower(theta, state, frozen, batch).compile()
+    compiled, _ = plan.compile_lowered(step.jitted.lower(theta, state, frozen, batch))
     return compiled, time.perf_counter() - start
 
 

@@ -1,10 +1,7 @@
 import os
 
-# Eight simulated CPU devices for the sharding tests; must be set before JAX starts. And
-# XLA's memory-minimising CPU schedule, for the tests that read a compiled step's memory:
-# the default (concurrency-optimised) one runs rematerialised layers early.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                                   "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+# Eight simulated CPU devices for the sharding tests; must be set before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from calm_jax import plan
 from calm_jax import train_step as ts
 from calm_jax.composition import CompositionConfig, composed_loss, init_theta
 from calm_jax.config import ModelConfig
@@ -54,13 +55,14 @@ def _compiled(ccfg, remat, chunk, b=8, t=128):
     batch = {"tokens_BxT": jax.ShapeDtypeStruct((b, t), jnp.int32), "mask_BxT": jax.ShapeDtypeStruct((b, t), bool),
              "target_BxT": jax.ShapeDtypeStruct((b, t), bool)}
     step = ts.make_train_step(composed_loss(ccfg, remat, chunk), opt)
-    return step.jitted.lower(theta, jax.eval_shape(opt.init, theta), frozen, batch).compile()
+    # plan.CPU_COMPILER_OPTIONS: XLA:CPU's defaults merge the recomputation back into the forward.
+    return plan.compile_lowered(step.jitted.lower(theta, jax.eval_shape(opt.init, theta), frozen, batch))[0]
 
 
 def test_chunked_loss_never_holds_the_logits():
     """Compiled ahead of time (nothing allocated): the plain loss holds the B x T x V logits
     (and their softmax); in chunks of 16 positions the step's temporaries shrink by at least
-    one copy of them. Measured: 377 -> 51 MiB, logits 124 MiB."""
+    one copy of them. Measured: 505 -> 55 MiB, logits 124 MiB."""
     ccfg = CompositionConfig(ANCHOR, (AUG,))
     logits_bytes = 8 * 127 * ANCHOR.vocab_size * 4
     plain = _compiled(ccfg, "none", 0).memory_analysis().temp_size_in_bytes
@@ -77,8 +79,8 @@ def test_remat_trades_activations_for_recomputation_at_the_peer_shape():
     """BENCHMARKS.md's peer shapes, batch 8 x 128, compiled ahead of time. Without remat the
     step keeps each anchor layer's activations above the first connection (layers 3-7, ~35 MiB
     each); "full" keeps only each layer's input and recomputes the rest, "dots" keeps the
-    weight matmuls' outputs. Measured: temporaries 204 / 153 / 104 MiB (none / dots / full),
-    XLA's FLOPs +0.6% / +19%. Under the memory-minimising CPU schedule (tests/conftest.py)."""
+    weight matmuls' outputs. Measured: temporaries 237 / 145 / 98 MiB (none / dots / full),
+    XLA's FLOPs +0.6% / +19%. Compiled with plan.CPU_COMPILER_OPTIONS."""
     ccfg = CompositionConfig(PEER_ANCHOR, (PEER_AUGMENT,))
     compiled = {r: _compiled(ccfg, r, 0) for r in REMAT_POLICIES}
     temp = {r: c.memory_analysis().temp_size_in_bytes for r, c in compiled.items()}
@@ -94,7 +96,7 @@ def test_remat_trades_activations_for_recomputation_at_the_peer_shape():
 def test_remat_shrinks_a_1b_anchor_step_at_2048_positions():
     """A ~0.95B anchor (hidden 2048, 16 layers, 32k vocabulary) with a ~0.3B augmenting model,
     one row of 2048 tokens, abstract inputs: "full" keeps 16 layer inputs instead of their
-    activations. Measured, loss in chunks of 512: temporaries 8.1 -> 3.9 GiB (benchmarks/results/remat.jsonl)."""
+    activations. Measured, loss in chunks of 512: 15.7 -> 4.0 GiB (benchmarks/results/remat.jsonl)."""
     anchor = ModelConfig(family="llama", vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16,
                          num_kv_heads=16, head_dim=128, intermediate_size=5632, max_positions=4096)
     augment = anchor.replace(hidden_size=1024, num_heads=8, num_kv_heads=8, intermediate_size=2816)
