@@ -30,5 +30,13 @@ test: $(VENV)/.test-deps
 bench: $(VENV)/.test-deps
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
+# One H100/H200, with the machine's own python3 and its jax (no venv is made): train-step MFU,
+# memory and decode speed at ~1B scale, under 8 minutes; JSON lines also go to
+# benchmarks/results/gpu_check.jsonl. Extra flags: make bench-gpu GPU_CHECK_ARGS="--tiny".
+GPU_PYTHON ?= python3
+.PHONY: bench-gpu
+bench-gpu:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache
