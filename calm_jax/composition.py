@@ -415,16 +415,14 @@ class ComposedLM:
     encoder_mode: decode with the augmenting models seeing only the prefill (module docstring).
     """
 
-    def __init__(self, ccfg: CompositionConfig, encoder_mode: bool = False, remat: str = "none"):
+    def __init__(self, ccfg: CompositionConfig, encoder_mode: bool = False):
         self.ccfg = ccfg
         self.encoder_mode = encoder_mode
-        self.remat = remat
         self.vocab_size = ccfg.anchor.vocab_size
         self.max_positions = min(c.max_positions for c in (ccfg.anchor, *ccfg.augments))
 
     def apply(self, params, tokens_BxT, mask_BxT=None, cache=None, *, augment_mask_BxT=None) -> LMOutput:
-        return composed_forward(self.ccfg, params, tokens_BxT, mask_BxT, cache, self.encoder_mode, augment_mask_BxT,
-                                self.remat)
+        return composed_forward(self.ccfg, params, tokens_BxT, mask_BxT, cache, self.encoder_mode, augment_mask_BxT)
 
     def init_cache(self, batch: int, length: int) -> ComposedCache:
         return init_composed_cache(self.ccfg, batch, length)
