@@ -400,8 +400,8 @@ def test_float32_forward_and_cache_match_the_float64_reference(decode_batch):
     Weights at HF's initializer range (std 0.02), where rounding is not amplified layer by
     layer. Bound: 64 float32 units of the logit scale, i.e. a few roundings for each of the
     ~16 normalised layers the signal passes through, each adding its share linearly (seen:
-    2 units on AVX-512; with std 0.3 weights the amplification reached 150 units on
-    another CPU, which is why the identities above run in float64). A float32 bug (a cast
+    2.3 units on AVX-512; with the std 0.3 weights above, float32 cached vs full differed by
+    ~150 units on an AVX-512 CPU, which is why the identities run in float64). A float32 bug (a cast
     to 16 bits, a lost upcast) is off by 2**-8 of the scale or more.
     """
     tokens, mask, _ = decode_batch
