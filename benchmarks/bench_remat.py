@@ -65,14 +65,12 @@ def compiled_step(ccfg: CompositionConfig, b: int, t: int, remat: str, loss_chun
 def report(name: str, ccfg: CompositionConfig, b: int, t: int, remat: str, loss_chunk: int, **extra) -> dict:
     compiled, seconds = compiled_step(ccfg, b, t, remat, loss_chunk)
     mem = compiled.memory_analysis()
-    xla = compiled.cost_analysis()
-    xla = xla[0] if isinstance(xla, list) else xla
     row = {"bench": "train_step_memory", "shape": name, "batch": b, "seq": t, "remat": remat,
            "loss_chunk": loss_chunk, **extra, "connections": [list(map(list, c)) for c in ccfg.connections],
            "temporaries_mib": round(mem.temp_size_in_bytes / 2 ** 20, 1),
            "arguments_mib": round(mem.argument_size_in_bytes / 2 ** 20, 1),
            "outputs_mib": round(mem.output_size_in_bytes / 2 ** 20, 1),
-           "flops": sum(step_flops(ccfg, b, t).values()), "xla_flops": xla.get("flops"),
+           "flops": sum(step_flops(ccfg, b, t).values()), "xla_flops": plan.xla_flops(compiled),
            "compile_seconds": round(seconds, 1)}
     print(json.dumps(row), flush=True)
     return row

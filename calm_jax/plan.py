@@ -130,14 +130,10 @@ def step_flops(ccfg: comp_lib.CompositionConfig, b: int, t: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The loss and settings train.compose uses
 
-def remat_policies() -> tuple[str, ...]:
-    return tuple(model_lib.REMAT_POLICIES)
-
-
 def composed_loss(ccfg: comp_lib.CompositionConfig, remat: str = "none", loss_chunk: int = 0) -> ts.LossFn:
     """The loss train.compose trains with (`composition.composed_loss`), its settings checked as PlanError."""
     if remat not in model_lib.REMAT_POLICIES:
-        raise PlanError(f"unknown remat policy {remat!r}; choose from {', '.join(remat_policies())}")
+        raise PlanError(f"unknown remat policy {remat!r}; choose from {', '.join(model_lib.REMAT_POLICIES)}")
     if loss_chunk < 0:
         raise PlanError(f"loss chunk must be >= 0 (0: the plain loss), got {loss_chunk}")
     return comp_lib.composed_loss(ccfg, remat=remat, loss_chunk=loss_chunk)
