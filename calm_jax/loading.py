@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from typing import Any, Callable, Mapping
 
@@ -35,11 +36,16 @@ class CheckpointError(ValueError):
 class Transform:
     to_ours: Callable[[np.ndarray], list]
     to_hf: Callable[[list], np.ndarray]
+    # True: to_ours gives one array, cut along its last axis into the widths of the parameters
+    # it fills (fused projections whose pieces differ in width, e.g. Phi-3's qkv under GQA).
+    split_by_shape: bool = False
 
 
 SAME = Transform(lambda t: [t], lambda ts: ts[0])
 TRANSPOSE = Transform(lambda t: [t.T], lambda ts: ts[0].T)  # torch Linear (out, in) -> kernel (in, out)
 SPLIT3 = Transform(lambda t: np.split(t, 3, axis=-1), lambda ts: np.concatenate(ts, axis=-1))  # GPT-2 c_attn
+# A fused torch Linear (sum of outs, in) -> one kernel (in, out_j) per part (Phi-3 qkv_proj, gate_up_proj).
+FUSED = Transform(lambda t: [t.T], lambda ts: np.concatenate(ts, axis=-1).T, split_by_shape=True)
 
 _L = "model.layers.{i}."
 _LLAMA = [
@@ -75,7 +81,45 @@ _GPT2 = [
     (_H + "mlp.c_proj.weight", "layers_{i}/mlp/down/kernel", SAME),
     (_H + "mlp.c_proj.bias", "layers_{i}/mlp/down/bias", SAME),
 ]
-NAME_TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "gpt2": _GPT2}
+
+
+def _without(table, *hf_names):
+    return [row for row in table if row[0] not in hf_names]
+
+
+# Gemma 2/3: "post_attention_layernorm" is the attention *output* norm (in Llama: the MLP's input norm).
+_GEMMA2 = _without(_LLAMA, _L + "post_attention_layernorm.weight") + [
+    (_L + "post_attention_layernorm.weight", "layers_{i}/attn_out_norm/scale", SAME),
+    (_L + "pre_feedforward_layernorm.weight", "layers_{i}/ln2/scale", SAME),
+    (_L + "post_feedforward_layernorm.weight", "layers_{i}/mlp_out_norm/scale", SAME),
+]
+# OLMo-2: no input norms; both of its layer norms are on the sublayer outputs.
+_OLMO2 = _without(_LLAMA, _L + "input_layernorm.weight", _L + "post_attention_layernorm.weight") + [
+    (_L + "post_attention_layernorm.weight", "layers_{i}/attn_out_norm/scale", SAME),
+    (_L + "post_feedforward_layernorm.weight", "layers_{i}/mlp_out_norm/scale", SAME),
+]
+# Phi-3: fused q|k|v and gate|up projections (no biases), split on load and fused again on save.
+_PHI3 = _without(_LLAMA, *[_L + f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")],
+                 *[_L + f"mlp.{p}_proj.{w}" for p in ("gate", "up") for w in ("weight", "bias")]) + [
+    (_L + "self_attn.qkv_proj.weight", tuple(f"layers_{{i}}/attn/{p}/kernel" for p in "qkv"), FUSED),
+    (_L + "mlp.gate_up_proj.weight", ("layers_{i}/mlp/gate/kernel", "layers_{i}/mlp/up/kernel"), FUSED),
+]
+NAME_TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "gpt2": _GPT2,
+               "gemma2": _GEMMA2, "gemma3_text": _GEMMA2, "phi3": _PHI3, "olmo2": _OLMO2}
+
+# Multimodal checkpoints whose text decoder is one of the families: per config.json model_type,
+# how their tensor names map onto the decoder's (prefix -> replacement, first match), which
+# prefixes belong to the parts we leave out, and the architecture a text-only copy is saved as.
+# transformers writes language_model.model.* / vision_tower.* (every version: since 4.52 it
+# renames its in-memory model.language_model.* back on save); the in-memory names are read too.
+MULTIMODAL = {
+    "gemma3": dict(
+        text_prefixes=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                       ("model.language_model.", "model.")),
+        ignored_prefixes=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                          "model.multi_modal_projector."),
+        text_model_type="gemma3_text", text_architecture="Gemma3ForCausalLM"),
+}
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
@@ -85,7 +129,8 @@ _ALIASES = {"gpt2": ("transformer.", "")}
 
 @dataclasses.dataclass
 class Pretrained:
-    """A loaded model: its config, parameter tree, tokenizer (or None) and config.json dict."""
+    """A loaded model: its config, parameter tree, tokenizer (or None) and config.json dict
+    (for a multimodal checkpoint, that of its text decoder as a text-only model)."""
 
     config: config_lib.ModelConfig
     params: Any
@@ -195,6 +240,19 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig)
         layer = int(m.group(1)) if m.groups() else None
         paths = _paths(ours, layer)
         pieces = transform.to_ours(np.asarray(tensor))
+        if transform.split_by_shape:
+            absent = [p for p in paths if p not in expected]
+            if absent:
+                problems.append(f"{raw_name}: this {cfg.family} config ({cfg.num_layers} layers) "
+                                f"has no parameter {'/'.join(absent[0])}")
+                continue
+            want = [tuple(expected[p].shape) for p in paths]
+            whole = pieces[0]
+            if any(w[:-1] != whole.shape[:-1] for w in want) or sum(w[-1] for w in want) != whole.shape[-1]:
+                problems.append(f"{raw_name}: expected shape {(sum(w[-1] for w in want),) + want[0][:-1][::-1]}, "
+                                f"found {tuple(tensor.shape)}")
+                continue
+            pieces = np.split(whole, np.cumsum([w[-1] for w in want])[:-1], axis=-1)
         for path, piece in zip(paths, pieces):
             if path not in expected:
                 problems.append(f"{raw_name}: this {cfg.family} config ({cfg.num_layers} layers) "
@@ -253,6 +311,8 @@ def load_pretrained(path: str, dtype: str = "float32", param_dtype: str | None =
     """
     cfg, hf_config = _load_config(path, dtype, param_dtype)
     tensors = _read_tensors(_weight_files(path))
+    if hf_config.get("model_type") in MULTIMODAL:
+        hf_config, tensors = _text_decoder(path, hf_config, tensors)
     try:
         flat = hf_to_params(tensors, cfg)
     except CheckpointError as e:
@@ -264,6 +324,33 @@ def load_pretrained(path: str, dtype: str = "float32", param_dtype: str | None =
     params = jax.device_put(params, shardings) if shardings is not None else jax.device_put(params)
     tok = load_tokenizer(path) if tokenizer else None
     return Pretrained(cfg, params, tok, hf_config)
+
+
+def _text_decoder(path: str, hf_config: dict, tensors: dict) -> tuple[dict, dict]:
+    """A multimodal checkpoint's text decoder: its config.json as a text-only model (what
+    `save_pretrained` writes back) and its tensors under the decoder's names, the rest dropped
+    with a one-line notice on stderr."""
+    spec = MULTIMODAL[hf_config["model_type"]]
+    text, dropped = {}, 0
+    for name, tensor in tensors.items():
+        if name.startswith(spec["ignored_prefixes"]):
+            dropped += 1
+            continue
+        for prefix, replacement in spec["text_prefixes"]:
+            if name.startswith(prefix):
+                name = replacement + name[len(prefix):]
+                break
+        text[name] = tensor
+    print(f"calm_jax: {path} is a {', '.join(hf_config.get('architectures') or [hf_config['model_type']])}; "
+          f"loading its text decoder only ({dropped} vision/projector tensors ignored)", file=sys.stderr)
+    text_config = dict(hf_config.get("text_config") or {})
+    if "tie_word_embeddings" not in text_config and "tie_word_embeddings" in hf_config:
+        text_config["tie_word_embeddings"] = hf_config["tie_word_embeddings"]
+    # The multimodal forward never soft-caps its logits (Gemma3ForConditionalGeneration); the
+    # text-only copy must not start to.
+    text_config.update(model_type=spec["text_model_type"], architectures=[spec["text_architecture"]],
+                       final_logit_softcapping=None)
+    return text_config, text
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

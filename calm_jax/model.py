@@ -1,4 +1,5 @@
-"""One Flax decoder covering the Llama, Mistral, Qwen2, Qwen3, Gemma and GPT-2 families.
+"""One Flax decoder covering the Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3,
+OLMo-2 and GPT-2 families.
 
 Linen modules, applied to plain parameter pytrees through `forward`. The layer loop is a
 Python loop so that callers can *tap* the residual stream after any layer and *modify* it
@@ -13,6 +14,7 @@ stream, i.e. `final_norm(taps[num_layers - 1])`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -85,13 +87,22 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
                    index=jnp.zeros((), jnp.int32))
 
 
-def multihead_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: float):
-    """Grouped-query attention with scores and softmax in `accum_dtype`. Returns out_BxTxHxK."""
+def softcap(x, cap: float | None):
+    """cap * tanh(x / cap) (Gemma 2's soft-capping); x itself when cap is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def multihead_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: float, logit_cap: float | None = None):
+    """Grouped-query attention with scores and softmax in `accum_dtype`. Returns out_BxTxHxK.
+
+    logit_cap: soft-caps the scaled scores (before the mask), as Gemma 2 does.
+    """
     b, t, h, kd = q_BxTxHxK.shape
     g = k_BxSxGxK.shape[2]
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kd)
     s_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
                              preferred_element_type=accum_dtype(q_BxTxHxK.dtype)) * scale
+    s_BxGxRxTxS = softcap(s_BxGxRxTxS, logit_cap)
     s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxRxTxS, masks.NEG_INF)
     p_BxGxRxTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
     out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxSxGxK)
@@ -103,9 +114,21 @@ def default_inv_freq(dim: int, theta: float) -> np.ndarray:
     return 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
 
 
+def longrope_inv_freq(cfg: ModelConfig, long: bool) -> np.ndarray:
+    """Phi-3 longrope: 1 / (factor_i * theta^(2i/dim)) with the short or the long factors (fp32)."""
+    dim = cfg.rotary_dim
+    ext = np.asarray(cfg.rope_long_factor if long else cfg.rope_short_factor, np.float32)
+    base = np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    return (np.float32(1.0) / (ext * base)).astype(np.float32)
+
+
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies (head_dim/2,) of the config's rope_type, computed as transformers does (fp32)."""
-    inv = default_inv_freq(cfg.head_dim, cfg.rope_theta)
+    """Inverse frequencies (rotary_dim/2,) of the config's rope_type, computed as transformers does (fp32).
+
+    For longrope: the short set (`longrope_inv_freq` gives either)."""
+    if cfg.rope_type == "longrope":
+        return longrope_inv_freq(cfg, long=False)
+    inv = default_inv_freq(cfg.rotary_dim, cfg.rope_theta)
     if cfg.rope_type == "linear":
         inv = inv / np.float32(cfg.rope_factor)
     elif cfg.rope_type == "llama3":
@@ -121,15 +144,44 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def rope_tables(positions_BxT, inv_freq_K2, dtype=jnp.float32):
-    """(cos_BxTxK, sin_BxTxK) for RoPE at integer positions, in `accum_dtype(dtype)`."""
+def rope_tables(positions_BxT, inv_freq_K2, dtype=jnp.float32, attention_factor: float = 1.0):
+    """(cos_BxTxK, sin_BxTxK) for RoPE at integer positions, in `accum_dtype(dtype)`.
+
+    attention_factor multiplies both (longrope's attention scaling)."""
     dtype = accum_dtype(dtype)
     freqs_BxTxK2 = positions_BxT[..., None].astype(dtype) * jnp.asarray(inv_freq_K2, dtype)
     freqs_BxTxK = jnp.concatenate([freqs_BxTxK2, freqs_BxTxK2], axis=-1)
-    return jnp.cos(freqs_BxTxK), jnp.sin(freqs_BxTxK)
+    cos_BxTxK, sin_BxTxK = jnp.cos(freqs_BxTxK), jnp.sin(freqs_BxTxK)
+    if attention_factor != 1.0:
+        cos_BxTxK, sin_BxTxK = cos_BxTxK * attention_factor, sin_BxTxK * attention_factor
+    return cos_BxTxK, sin_BxTxK
+
+
+def model_rope_tables(cfg: ModelConfig, positions_BxT, mask_BxT):
+    """The global layers' (cos, sin) for one forward call.
+
+    longrope picks its short or long factors per call, as transformers does: long when the
+    call's sequence length, max position + 1, exceeds rope_original_max_positions. Unlike
+    transformers, which takes the max over every position id it is given, only real tokens
+    count here (padding slots never switch a batch to the long factors). With a KV cache the
+    call is the chunk being written: keys cached by earlier calls keep the factors they were
+    rotated with (transformers' cached decoding does the same), so a cached decode crossing
+    the threshold differs from one full forward over the whole sequence.
+    """
+    if cfg.rope_type != "longrope":
+        return rope_tables(positions_BxT, rope_inv_freq(cfg), cfg.dtype)
+    seq_len = jnp.max(jnp.where(mask_BxT, positions_BxT, -1)) + 1
+    inv_K2 = jnp.where(seq_len > cfg.rope_original_max_positions, longrope_inv_freq(cfg, long=True),
+                       longrope_inv_freq(cfg, long=False))
+    return rope_tables(positions_BxT, inv_K2, cfg.dtype, cfg.rope_attention_factor)
 
 
 def apply_rope(x_BxTxHxK, cos_BxTxK, sin_BxTxK):
+    """RoPE on the first cos.shape[-1] dims of each head (all of them unless partial); the rest pass."""
+    rot = cos_BxTxK.shape[-1]
+    if rot < x_BxTxHxK.shape[-1]:  # partial rotary (Phi-3's partial_rotary_factor)
+        return jnp.concatenate([apply_rope(x_BxTxHxK[..., :rot], cos_BxTxK, sin_BxTxK), x_BxTxHxK[..., rot:]],
+                               axis=-1)
     half = x_BxTxHxK.shape[-1] // 2
     rotated = jnp.concatenate([-x_BxTxHxK[..., half:], x_BxTxHxK[..., :half]], axis=-1)
     dtype = accum_dtype(x_BxTxHxK.dtype)
@@ -174,12 +226,18 @@ class Attention(nn.Module):
         q_BxTxHxK = _dense(cfg, cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q")(x_BxTxD)
         k_BxTxGxK = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k")(x_BxTxD)
         v_BxTxGxK = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v")(x_BxTxD)
+
+        def qk_norms(q, k):  # RMSNorm over the last axis (Qwen3: offset 0; Gemma 3: 1 + w)
+            return (RMSNorm(cfg.norm_eps, cfg.norm_offset, cfg.dtype, cfg.param_dtype, name="q_norm")(q),
+                    RMSNorm(cfg.norm_eps, cfg.norm_offset, cfg.dtype, cfg.param_dtype, name="k_norm")(k))
+
+        if cfg.qk_norm and cfg.qk_norm_over == "proj":  # OLMo-2: over the whole projection
+            q_BxTxHxK, k_BxTxGxK = qk_norms(q_BxTxHxK, k_BxTxGxK)
         q_BxTxHxK = q_BxTxHxK.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k_BxTxGxK = k_BxTxGxK.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v_BxTxGxK = v_BxTxGxK.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q_BxTxHxK = RMSNorm(cfg.norm_eps, 0.0, cfg.dtype, cfg.param_dtype, name="q_norm")(q_BxTxHxK)
-            k_BxTxGxK = RMSNorm(cfg.norm_eps, 0.0, cfg.dtype, cfg.param_dtype, name="k_norm")(k_BxTxGxK)
+        if cfg.qk_norm and cfg.qk_norm_over == "head":  # over each head's head_dim
+            q_BxTxHxK, k_BxTxGxK = qk_norms(q_BxTxHxK, k_BxTxGxK)
         if rope is not None:
             q_BxTxHxK = apply_rope(q_BxTxHxK, *rope)
             k_BxTxGxK = apply_rope(k_BxTxGxK, *rope)
@@ -190,7 +248,8 @@ class Attention(nn.Module):
             v_BxTxGxK = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxGxK.astype(v_cache.dtype), index, axis=1)
             new_kv = (k_BxTxGxK, v_BxTxGxK)
         out_BxTxHxK = multihead_attention(q_BxTxHxK, k_BxTxGxK.astype(q_BxTxHxK.dtype),
-                                          v_BxTxGxK.astype(q_BxTxHxK.dtype), mask_BxTxS, cfg.scale)
+                                          v_BxTxGxK.astype(q_BxTxHxK.dtype), mask_BxTxS, cfg.scale,
+                                          cfg.attn_softcap)
         out_BxTxD = _dense(cfg, x_BxTxD.shape[-1], cfg.o_bias, "o")(out_BxTxHxK.reshape(b, t, -1))
         return out_BxTxD, new_kv
 
@@ -211,15 +270,24 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer. Norms: ln1/ln2 on the sublayer inputs (cfg.pre_norm) and
+    attn_out_norm/mlp_out_norm on their outputs before the residual add (cfg.post_norm)."""
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, h_BxTxD, rope, mask_BxTxS, kv=None, index=None):
-        a_BxTxD, new_kv = Attention(self.cfg, name="attn")(
-            make_norm(self.cfg, "ln1")(h_BxTxD), rope, mask_BxTxS, kv, index)
+        cfg = self.cfg
+        x_BxTxD = make_norm(cfg, "ln1")(h_BxTxD) if cfg.pre_norm else h_BxTxD
+        a_BxTxD, new_kv = Attention(cfg, name="attn")(x_BxTxD, rope, mask_BxTxS, kv, index)
+        if cfg.post_norm:
+            a_BxTxD = make_norm(cfg, "attn_out_norm")(a_BxTxD)
         h_BxTxD = h_BxTxD + a_BxTxD
-        h_BxTxD = h_BxTxD + MLP(self.cfg, name="mlp")(make_norm(self.cfg, "ln2")(h_BxTxD))
-        return h_BxTxD, new_kv
+        x_BxTxD = make_norm(cfg, "ln2")(h_BxTxD) if cfg.pre_norm else h_BxTxD
+        m_BxTxD = MLP(cfg, name="mlp")(x_BxTxD)
+        if cfg.post_norm:
+            m_BxTxD = make_norm(cfg, "mlp_out_norm")(m_BxTxD)
+        return h_BxTxD + m_BxTxD, new_kv
 
 
 class Decoder(nn.Module):
@@ -246,9 +314,12 @@ class Decoder(nn.Module):
             h_BxTxD = h_BxTxD + nn.Embed(cfg.max_positions, cfg.hidden_size, dtype=cfg.dtype,
                                          param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.01),
                                          name="pos_embed")(jnp.minimum(positions_BxT, cfg.max_positions - 1))
-        rope = None
+        rope = local_rope = None
         if cfg.position == "rope":
-            rope = rope_tables(positions_BxT, rope_inv_freq(cfg), cfg.dtype)
+            rope = model_rope_tables(cfg, positions_BxT, mask_BxT)
+            if cfg.rope_local_theta is not None:  # Gemma 3's local layers: plain RoPE, their own base
+                local_rope = rope_tables(positions_BxT, default_inv_freq(cfg.rotary_dim, cfg.rope_local_theta),
+                                         cfg.dtype)
 
         if cache is None:
             q_slot_T = k_slot_S = jnp.arange(t)
@@ -276,7 +347,8 @@ class Decoder(nn.Module):
                 continue
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             mask_BxTxS = window_mask if cfg.uses_window(i) else full_mask
-            h_BxTxD, layer_kv = block(cfg, name=f"layers_{i}")(h_BxTxD, rope, mask_BxTxS, kv, index)
+            layer_rope = local_rope if cfg.uses_local_rope(i) else rope
+            h_BxTxD, layer_kv = block(cfg, name=f"layers_{i}")(h_BxTxD, layer_rope, mask_BxTxS, kv, index)
             if i in hooks:
                 h_BxTxD = hooks[i](h_BxTxD)
             if i in taps:
@@ -296,7 +368,7 @@ class Decoder(nn.Module):
                 logits_BxTxV = embed.attend(h_BxTxD)
             else:
                 logits_BxTxV = _dense(cfg, cfg.vocab_size, False, "lm_head")(h_BxTxD)
-            logits_BxTxV = logits_BxTxV.astype(accum_dtype(logits_BxTxV.dtype))
+            logits_BxTxV = softcap(logits_BxTxV.astype(accum_dtype(logits_BxTxV.dtype)), cfg.logit_softcap)
         return LMOutput(logits_BxTxV=logits_BxTxV, taps=tapped, cache=new_cache)
 
 
@@ -345,7 +417,7 @@ def head_logits(cfg: ModelConfig, params, h_BxTxD):
         logits_BxTxV = embed.apply({"params": params["embed"]}, h_BxTxD, method=nn.Embed.attend)
     else:
         logits_BxTxV = _dense(cfg, cfg.vocab_size, False, "lm_head").apply({"params": params["lm_head"]}, h_BxTxD)
-    return logits_BxTxV.astype(accum_dtype(logits_BxTxV.dtype))
+    return softcap(logits_BxTxV.astype(accum_dtype(logits_BxTxV.dtype)), cfg.logit_softcap)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array):
@@ -359,6 +431,7 @@ def param_shapes(cfg: ModelConfig):
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
+@dataclasses.dataclass(frozen=True)
 class PlainLM:
     """The interface generation and evaluation use, for a single LM.
 
@@ -368,12 +441,19 @@ class PlainLM:
       - `init_cache(batch, length)` -> the cache pytree `apply` takes and returns
       - `vocab_size`, `max_positions`
     Parameters stay an explicit argument so jitted callers never bake weights in as constants.
+    A frozen dataclass: hashable, equal when the configs are, so the model itself is a static
+    jit argument (calm_jax.decoding, calm_jax.scoring) and equal models share compiled code.
     """
 
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
-        self.vocab_size = cfg.vocab_size
-        self.max_positions = cfg.max_positions
+    cfg: ModelConfig
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.cfg.max_positions
 
     def apply(self, params, tokens_BxT, mask_BxT=None, cache=None) -> LMOutput:
         return forward(self.cfg, params, tokens_BxT, mask_BxT, cache=cache)
