@@ -33,7 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 from bench_train_step import step_flops  # noqa: E402
 from calm_jax import plan  # noqa: E402
 from calm_jax import train_step as ts  # noqa: E402
-from calm_jax.composition import CompositionConfig, composed_loss, init_theta  # noqa: E402
+from calm_jax.composition import CompositionConfig, init_theta  # noqa: E402
+from calm_jax.losses import composed_loss  # noqa: E402
 from calm_jax.config import ModelConfig  # noqa: E402
 from calm_jax.model import param_shapes  # noqa: E402
 

@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from calm_jax import losses  # noqa: E402
 from calm_jax import train_step as ts  # noqa: E402
 from calm_jax.composition import ComposedLM, CompositionConfig, init_theta, param_count  # noqa: E402
 from calm_jax.config import ModelConfig  # noqa: E402
@@ -93,7 +94,7 @@ def main():
     theta = init_theta(CCFG, jax.random.key(0))
     opt = ts.make_optimizer(1e-3, 1000, 10)
     state = opt.init(theta)
-    loss_fn = ts.lm_loss(ComposedLM(CCFG).apply, ts.join_composition)
+    loss_fn = losses.lm_loss(ComposedLM(CCFG).apply, losses.join_composition)
     step = ts.make_train_step(loss_fn, opt)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, ANCHOR.vocab_size, (b, t)).astype(np.int32)
@@ -125,7 +126,7 @@ def main():
                       "fraction_of_limit": limit_s / step_s, "target": 0.8}), flush=True)
 
     # Where the time goes: the forward passes the step contains, each timed alone.
-    params = ts.join_composition(carry["theta"], frozen)
+    params = losses.join_composition(carry["theta"], frozen)
     composed = jax.jit(lambda p, tok: ComposedLM(CCFG).apply(p, tok).logits_BxTxV)
     anchor = jax.jit(lambda p, tok: forward(ANCHOR, p, tok).logits_BxTxV)
     augment = jax.jit(lambda p, tok: forward(AUGMENT, p, tok, taps=(7,), logits=False).taps[7])

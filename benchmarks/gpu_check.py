@@ -194,7 +194,8 @@ def worker_train(args, shape):
     import numpy as np
     from bench_train_step import step_flops, timed
     from calm_jax import train_step as ts
-    from calm_jax.composition import composed_loss, init_theta, param_count
+    from calm_jax.composition import init_theta, param_count
+    from calm_jax.losses import composed_loss
 
     anchor, augment, ccfg = _configs(shape)
     b, t, chunk, remat = args.batch or shape["batch"], args.seq or shape["seq"], shape["loss_chunk"], args.remat

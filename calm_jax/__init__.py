@@ -2,13 +2,15 @@
 
 The public API in one place; each name lives in the module of its concept:
 config (ModelConfig), model (the Flax decoder), loading (HF checkpoints), composition
-(Θ_C and the composed model), train_step / trainer / sharding / checkpoint (training),
-decoding (generation), scoring and metrics (evaluation), kv_task (the paper's KV task).
+(Θ_C and the composed model), losses / train_step / trainer / sharding / checkpoint
+(training), records (JSON records checked on reuse), decoding (generation), scoring and
+evaluation / metrics (generate-and-score), experiment (a CALM study on any task; the
+key-value experiment in train/kv_arithmetic/ is one).
 """
 
-from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, CompositionError, check_vocabularies,
-                                  composed_forward, default_connections, describe, init_composed_cache, init_theta,
-                                  param_count)
+from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, CompositionError, CompositionOptions,
+                                  check_vocabularies, composed_forward, default_connections, describe,
+                                  init_composed_cache, init_theta, param_count)
 from calm_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
 from calm_jax.cross_attention import CrossAttention
 from calm_jax.decoding import GenerationError, Sampling, generate
@@ -18,9 +20,9 @@ from calm_jax.model import (KVCache, LMOutput, PlainLM, final_norm, forward, ini
 from calm_jax.scoring import loglik
 
 __all__ = [
-    "CheckpointError", "ComposedCache", "ComposedLM", "CompositionConfig", "CompositionError", "ConfigError",
-    "CrossAttention", "GenerationError", "KVCache", "LMOutput", "ModelConfig", "PlainLM", "Pretrained", "Sampling",
-    "check_vocabularies", "composed_forward", "default_connections", "describe", "final_norm", "forward",
+    "CheckpointError", "ComposedCache", "ComposedLM", "CompositionConfig", "CompositionError", "CompositionOptions",
+    "ConfigError", "CrossAttention", "GenerationError", "KVCache", "LMOutput", "ModelConfig", "PlainLM", "Pretrained",
+    "Sampling", "check_vocabularies", "composed_forward", "default_connections", "describe", "final_norm", "forward",
     "from_hf_config", "generate", "init_cache", "init_composed_cache", "init_params", "init_theta",
     "load_pretrained", "load_tokenizer", "loglik", "param_count", "param_shapes", "save_pretrained",
     "to_hf_config",

@@ -2,9 +2,10 @@
 
 Layout of a run directory:
   RUN_DIR/bases.json          which frozen models the run belongs to (configs + content hashes)
+  RUN_DIR/composition.json    how Θ_C is wired (train.compose runs: connections, heads, options)
   RUN_DIR/checkpoints/<step>/ orbax checkpoints ("state": arrays, "meta": JSON)
 The frozen models are never written; a checkpoint is only restored against base models
-whose fingerprint matches bases.json. Orbax writes each checkpoint to a temporary
+whose fingerprint matches bases.json (both JSON records: calm_jax.records). Orbax writes each checkpoint to a temporary
 directory and renames it when complete, so a save killed midway is never the latest.
 """
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from calm_jax import records
 from calm_jax.config import ModelConfig
 from calm_jax.loading import CheckpointError
 
@@ -113,9 +115,7 @@ def check_bases(saved: Mapping[str, dict], given: Mapping[str, dict], where: str
     for name in saved:
         if name not in given:
             continue
-        a, b = saved[name]["config"], given[name]["config"]
-        diffs = [f"{k}: trained with {a.get(k)!r}, given {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                 if a.get(k) != b.get(k)]
+        diffs = records.diff(saved[name]["config"], given[name]["config"], was="trained with", now="given")
         if diffs:
             problems.append(f"{name} config differs ({'; '.join(diffs)})")
         elif not _same_weights(saved[name], given[name]):
@@ -141,16 +141,9 @@ class Checkpoints:
 
     def __init__(self, run_dir: str, bases: Mapping[str, dict], keep: int = 3, async_save: bool = True):
         self.run_dir = os.path.abspath(run_dir)
-        bases_file = os.path.join(self.run_dir, "bases.json")
-        bases = json.loads(json.dumps(dict(bases)))
-        if os.path.isfile(bases_file):
-            with open(bases_file) as f:
-                check_bases(json.load(f), bases, f"run directory {self.run_dir}")
-        elif jax.process_index() == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(bases_file + ".tmp", "w") as f:
-                json.dump(bases, f, indent=1)
-            os.replace(bases_file + ".tmp", bases_file)
+        records.check_or_write(os.path.join(self.run_dir, "bases.json"), dict(bases), error=BaseModelMismatch,
+                               check=lambda saved, given: check_bases(saved, given, f"run directory {self.run_dir}"),
+                               write=jax.process_index() == 0)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(os.path.join(self.run_dir, "checkpoints"), options=options,
                                              item_names=("state", "meta"))
@@ -198,14 +191,12 @@ def read_bases(run_dir: str) -> dict:
     path = os.path.join(run_dir, "bases.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{run_dir} is not a training run directory (no bases.json)")
-    with open(path) as f:
-        return json.load(f)
+    return records.read(path, CheckpointError)
 
 
 # --- compositions ---------------------------------------------------------------------
 
 _COMPOSITION_FILE = "composition.json"
-_COMPOSITION_FIELDS = ("num_heads", "query_norm", "zero_init_out", "gate", "cross_rope", "dtype")
 
 
 def composition_bases(anchor, augments) -> dict:
@@ -215,27 +206,40 @@ def composition_bases(anchor, augments) -> dict:
     return out
 
 
+def _composition_record(ccfg) -> dict:
+    """composition.json: {"connections", "num_heads", "options": {name: value}, "dtype"}."""
+    return {"connections": [[list(p) for p in pairs] for pairs in ccfg.connections], "num_heads": ccfg.num_heads,
+            "options": ccfg.options.to_dict(), "dtype": ccfg.dtype}
+
+
+def _composition_layout(saved: dict, path: str) -> dict:
+    """A saved composition.json in the current layout, every option present (missing ones at
+    their defaults). Runs saved before CompositionOptions hold the options as top-level
+    fields; an option name this version does not know raises CheckpointError."""
+    from calm_jax.composition import CompositionError, CompositionOptions
+
+    saved = dict(saved)
+    if "options" not in saved:  # the old flat layout
+        saved["options"] = {k: saved.pop(k) for k in CompositionOptions.names() if k in saved}
+    if not isinstance(saved["options"], dict):
+        raise CheckpointError(f"{path}: 'options' must be a JSON object, found {saved['options']!r}")
+    try:
+        saved["options"] = CompositionOptions.from_dict(saved["options"], where=path).to_dict()
+    except CompositionError as e:
+        raise CheckpointError(str(e)) from None
+    return saved
+
+
 def save_composition_config(run_dir: str, ccfg) -> None:
-    """Writes how Θ_C is wired (connections, heads, options) next to the checkpoints.
+    """Writes how Θ_C is wired (connections, heads, options, dtype) next to the checkpoints.
 
     If the run directory has one already (a resumed run), it must be the same: raises
     BaseModelMismatch naming the fields that differ.
     """
-    record = json.loads(json.dumps({"connections": [[list(p) for p in pairs] for pairs in ccfg.connections],
-                                    **{k: getattr(ccfg, k) for k in _COMPOSITION_FIELDS}}))
     path = os.path.join(run_dir, _COMPOSITION_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        diffs = [f"{k}: trained with {saved.get(k)!r}, given {record.get(k)!r}"
-                 for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k)]
-        if diffs:
-            raise BaseModelMismatch(f"{run_dir} holds a composition wired differently: " + "; ".join(diffs))
-        return
-    if jax.process_index() == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
+    records.check_or_write(path, _composition_record(ccfg), what="a composition wired differently",
+                           error=BaseModelMismatch, was="trained with", now="given",
+                           upgrade=lambda saved: _composition_layout(saved, path), write=jax.process_index() == 0)
 
 
 def _manager(run_dir: str):
@@ -270,8 +274,8 @@ def load_composition(run_dir: str, anchor, augments, step: int | None = None):
     from calm_jax import composition as comp
 
     step = composition_step(run_dir, step)
-    with open(os.path.join(run_dir, _COMPOSITION_FILE)) as f:
-        record = json.load(f)
+    path = os.path.join(run_dir, _COMPOSITION_FILE)
+    record = _composition_layout(records.read(path, CheckpointError), path)
     models = [anchor, *augments]
     saved = read_bases(run_dir)
     given = {}
@@ -284,7 +288,8 @@ def load_composition(run_dir: str, anchor, augments, step: int | None = None):
     cfgs = [m if isinstance(m, ModelConfig) else m.config for m in models]
     ccfg = comp.CompositionConfig(anchor=cfgs[0], augments=tuple(cfgs[1:]),
                                   connections=tuple(tuple(map(tuple, p)) for p in record["connections"]),
-                                  **{k: record[k] for k in _COMPOSITION_FIELDS if k in record})
+                                  options=comp.CompositionOptions(**record["options"]),
+                                  **{k: record[k] for k in ("num_heads", "dtype") if k in record})
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     theta_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                 jax.eval_shape(lambda: comp.init_theta(ccfg, jax.random.key(0))))

@@ -5,7 +5,8 @@
 
 where H_A,i is the augmenting model's layer-i output (D_A wide) and H_B,j the anchor's
 layer-j output (D_B wide). Heads and head size come from the CompositionConfig (default:
-the anchor's heads, D_B / heads). W^Q, W^K, W^V, W^O carry no bias, as in the paper's
+the anchor's heads, D_B / heads), the options beyond the paper from its
+`CompositionOptions` (`options`). W^Q, W^K, W^V, W^O carry no bias, as in the paper's
 formula; only f_proj has one.
 
 The module has two entry points so the decoding cache can keep k/v per slot:
@@ -14,13 +15,13 @@ The module has two entry points so the decoding cache can keep k/v per slot:
 Parameters of one connection (a plain dict, the leaves of Θ_C):
   proj:       {kernel: D_A x D_B, bias: D_B}
   q, k, v:    {kernel: D_B x (H*K)}
-  o:          {kernel: (H*K) x D_B}      zeros when `zero_init_out`
-  query_norm: {scale: D_B}               only with `query_norm` (RMSNorm on H_B,j before W^Q)
-  gate:       scalar g, output scaled by tanh(g); only with `gate`; g starts at
+  o:          {kernel: (H*K) x D_B}      zeros with options.zero_init_out
+  query_norm: {scale: D_B}               only with options.query_norm (RMSNorm on H_B,j before W^Q)
+  gate:       scalar g, output scaled by tanh(g); only with options.gate; g starts at
               GATE_INIT, so tanh(g) = 0.76 and the gate is not a no-op at init.
 
-With `rope_theta` set (the `cross_rope` option, not in the paper), q and k are rotated by
-RoPE at their tokens' positions, as in self-attention, so the scores can depend on the
+With options.cross_rope (not in the paper), q and k are rotated by RoPE (base `rope_theta`)
+at their tokens' positions, as in self-attention, so the scores can depend on the
 distance between the anchor token and the augmenting token. Both models read the same
 tokens, so "the augmenting state at my own position" is then easy to address; without
 it, a model whose residual stream carries no absolute position (RoPE models) can only
@@ -29,10 +30,15 @@ address augmenting states by content. No new parameters.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from calm_jax.model import RMSNorm, apply_rope, default_inv_freq, multihead_attention, rope_tables
+
+if TYPE_CHECKING:  # not imported here: calm_jax.composition imports this module
+    from calm_jax.composition import CompositionOptions
 
 GATE_INIT = 1.0
 QUERY_NORM_EPS = 1e-6
@@ -42,12 +48,10 @@ class CrossAttention(nn.Module):
     features: int  # D_B: the anchor's width, f_proj's output width
     num_heads: int
     head_dim: int
-    use_query_norm: bool = False
-    zero_init_out: bool = False
-    use_gate: bool = False
+    options: CompositionOptions
     dtype: str = "float32"
     param_dtype: str = "float32"
-    rope_theta: float | None = None  # None: no positions in the cross-attention (the paper)
+    rope_theta: float = 10000.0  # the RoPE base with options.cross_rope
 
     def setup(self):
         def dense(features, bias=False, init=nn.initializers.lecun_normal()):
@@ -57,15 +61,15 @@ class CrossAttention(nn.Module):
         inner = self.num_heads * self.head_dim
         self.proj = dense(self.features, bias=True)
         self.q, self.k, self.v = dense(inner), dense(inner), dense(inner)
-        self.o = dense(self.features, init=nn.initializers.zeros if self.zero_init_out
+        self.o = dense(self.features, init=nn.initializers.zeros if self.options.zero_init_out
                        else nn.initializers.lecun_normal())
-        if self.use_query_norm:
+        if self.options.query_norm:
             self.query_norm = RMSNorm(QUERY_NORM_EPS, 0.0, self.dtype, self.param_dtype)
-        if self.use_gate:
+        if self.options.gate:
             self.gate = self.param("gate", nn.initializers.constant(GATE_INIT), (), self.param_dtype)
 
     def _rotate(self, x_BxTxHxK, pos_BxT):
-        if self.rope_theta is None:
+        if not self.options.cross_rope:  # no positions in the cross-attention (the paper)
             return x_BxTxHxK
         if pos_BxT is None:
             raise ValueError("cross-attention with RoPE needs the tokens' positions")
@@ -75,7 +79,7 @@ class CrossAttention(nn.Module):
     def keys_values(self, h_BxSxE, pos_BxS=None):
         """Augmenting layer output h_BxSxE (E = D_A) -> (k_BxSxHxK, v_BxSxHxK) of f_proj(h).
 
-        pos_BxS: the tokens' positions (used with RoPE only).
+        pos_BxS: the tokens' positions (used with options.cross_rope only).
         """
         b, s, _ = h_BxSxE.shape
         p_BxSxD = self.proj(h_BxSxE.astype(self.dtype))
@@ -87,13 +91,13 @@ class CrossAttention(nn.Module):
         """The term added to the anchor stream h_BxTxD. Rows with no allowed key give exactly 0."""
         b, t, _ = h_BxTxD.shape
         x_BxTxD = h_BxTxD.astype(self.dtype)
-        if self.use_query_norm:
+        if self.options.query_norm:
             x_BxTxD = self.query_norm(x_BxTxD)
         q_BxTxHxK = self._rotate(self.q(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim), pos_BxT)
         out_BxTxHxK = multihead_attention(q_BxTxHxK, k_BxSxHxK.astype(self.dtype), v_BxSxHxK.astype(self.dtype),
                                           mask_BxTxS, self.head_dim ** -0.5)
         out_BxTxD = self.o(out_BxTxHxK.reshape(b, t, -1))
-        if self.use_gate:
+        if self.options.gate:
             out_BxTxD = out_BxTxD * jnp.tanh(self.gate.astype(self.dtype))
         # The softmax over an all-masked row is uniform, not empty: zero such rows here.
         has_key_BxT = jnp.any(mask_BxTxS, axis=-1)

@@ -111,29 +111,13 @@ def _record(state: _State, token_B, stop_ids_S) -> _State:
                          done_B=state.done_B | is_stop_B, stopped_B=state.stopped_B | (running_B & is_stop_B))
 
 
-class _Static:
-    """A model as a static jit argument: models of one type with equal attributes (configs,
-    mode switches) share compiled code, so rebuilding a model never recompiles the loop."""
-
-    def __init__(self, model):
-        self.model = model
-        try:
-            self.key = (type(model), tuple(sorted(vars(model).items())))
-            hash(self.key)
-        except TypeError:  # unhashable attributes: fall back to identity
-            self.key = (type(model), id(model))
-
-    def __hash__(self):
-        return hash(self.key)
-
-    def __eq__(self, other):
-        return isinstance(other, _Static) and self.key == other.key
-
-
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "use_cache"))
 def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_tokens: int,
            sampling: Sampling = Sampling(), use_cache: bool = True) -> DecodeOutput:
     """Generates up to `max_new_tokens` per row, all inside one compiled function.
 
+    model: a static argument, so hashable: models that compare equal (PlainLM, ComposedLM,
+      LoRALM of equal configs) share the compiled function.
     tokens_BxP/mask_BxP: left-padded prompts (every row's last slot is a real token).
     stop_ids_S: int32 ids that end a row (kept as its last token); S may be 0.
     rng: a PRNG key (unused when greedy).
@@ -141,14 +125,6 @@ def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_toke
       step: the no-cache baseline for benchmarks, equal to cached decoding for a plain LM
       or an iterative composition.
     """
-    return _decode(_Static(model), params, tokens_BxP, mask_BxP, stop_ids_S, rng, max_new_tokens=max_new_tokens,
-                   sampling=sampling, use_cache=use_cache)
-
-
-@functools.partial(jax.jit, static_argnames=("static", "max_new_tokens", "sampling", "use_cache"))
-def _decode(static: _Static, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_tokens: int,
-            sampling: Sampling, use_cache: bool) -> DecodeOutput:
-    model = static.model
     b, p = tokens_BxP.shape
     n = max_new_tokens
     mask_BxP = mask_BxP.astype(bool)

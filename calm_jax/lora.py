@@ -11,11 +11,12 @@ Plain parameter trees, mirroring the base tree down to the adapted kernels:
 `LoRALM` has the interface of `calm_jax.model.PlainLM` (so `calm_jax.decoding.generate`
 decodes it) with params {"base": ..., "lora": ...}; the merged kernels are formed inside
 `apply`. Train with calm_jax.trainer: trainable = the LoRA tree, frozen = the base tree,
-`train_step.lm_loss(LoRALM(...).apply, join_lora)`.
+`losses.lm_loss(LoRALM(...).apply, join_lora)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -129,23 +130,37 @@ def merge(base, lora, scale: float):
 
 
 def join_lora(lora, base):
-    """LoRALM parameters from the trainable LoRA tree and the frozen base tree (train_step.lm_loss's join)."""
+    """LoRALM parameters from the trainable LoRA tree and the frozen base tree (losses.lm_loss's join)."""
     return {"base": base, "lora": lora}
 
 
+@dataclasses.dataclass(frozen=True)
 class LoRALM:
     """A base LM with LoRA factors, behind the interface of `calm_jax.model.PlainLM`.
 
     params = {"base": the base tree, "lora": a tree from `init_lora` at this rank (any targets)}.
-    alpha: the scale is alpha / rank; default alpha = rank (scale 1).
+    alpha: the scale is alpha / rank; default alpha = rank (scale 1). Stored as a float, so
+      LoRALM(cfg, 4) == LoRALM(cfg, 4, 4.0).
+    A frozen dataclass like PlainLM: hashable, equal when (cfg, rank, alpha) are (a static jit
+    argument).
     """
 
-    def __init__(self, cfg: ModelConfig, rank: int, alpha: float | None = None):
-        self.cfg = cfg
-        self.rank = _positive_int(rank)
-        self.alpha = float(rank if alpha is None else alpha)
-        self.vocab_size = cfg.vocab_size
-        self.max_positions = cfg.max_positions
+    cfg: ModelConfig
+    rank: int
+    alpha: float | None = None
+
+    def __post_init__(self):
+        rank = _positive_int(self.rank)
+        object.__setattr__(self, "rank", rank)
+        object.__setattr__(self, "alpha", float(rank if self.alpha is None else self.alpha))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.cfg.max_positions
 
     @property
     def scale(self) -> float:

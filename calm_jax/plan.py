@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax import composition as comp_lib
+from calm_jax import losses
 from calm_jax import model as model_lib
 from calm_jax import sharding as shard_lib
 from calm_jax import train_step as ts
@@ -130,13 +131,13 @@ def step_flops(ccfg: comp_lib.CompositionConfig, b: int, t: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The loss and settings train.compose uses
 
-def composed_loss(ccfg: comp_lib.CompositionConfig, remat: str = "none", loss_chunk: int = 0) -> ts.LossFn:
-    """The loss train.compose trains with (`composition.composed_loss`), its settings checked as PlanError."""
+def composed_loss(ccfg: comp_lib.CompositionConfig, remat: str = "none", loss_chunk: int = 0) -> losses.LossFn:
+    """The loss train.compose trains with (`losses.composed_loss`), its settings checked as PlanError."""
     if remat not in model_lib.REMAT_POLICIES:
         raise PlanError(f"unknown remat policy {remat!r}; choose from {', '.join(model_lib.REMAT_POLICIES)}")
     if loss_chunk < 0:
         raise PlanError(f"loss chunk must be >= 0 (0: the plain loss), got {loss_chunk}")
-    return comp_lib.composed_loss(ccfg, remat=remat, loss_chunk=loss_chunk)
+    return losses.composed_loss(ccfg, remat=remat, loss_chunk=loss_chunk)
 
 
 def train_config(**values):
@@ -226,7 +227,7 @@ class StepInputs:
     batch: Any
     shardings: ts.StepShardings
     optimizer: Any
-    loss_fn: ts.LossFn
+    loss_fn: losses.LossFn
     train_config: Any  # calm_jax.trainer.TrainConfig
 
     def args(self):

@@ -8,8 +8,8 @@ and only target tokens are summed.
 
 from __future__ import annotations
 
+import functools
 import math
-import weakref
 from typing import Sequence
 
 import jax
@@ -35,22 +35,11 @@ def _target_logprobs(logits_BxTxV, tokens_BxT, flags_BxT):
     return jnp.where(flags_BxT[:, 1:], logp_BxT, 0.0).sum(-1)
 
 
-_SCORE_FNS = weakref.WeakKeyDictionary()
-
-
-def _score_fn(lm):
-    """One jitted function per model object; it compiles once per (batch, bucket) shape."""
-    try:
-        return _SCORE_FNS[lm]
-    except (KeyError, TypeError):
-        pass
-    fn = jax.jit(lambda params, tokens_BxT, mask_BxT, flags_BxT: _target_logprobs(
-        lm.apply(params, tokens_BxT, mask_BxT).logits_BxTxV, tokens_BxT, flags_BxT))
-    try:
-        _SCORE_FNS[lm] = fn
-    except TypeError:  # not weak-referenceable: compiled again on the next call
-        pass
-    return fn
+@functools.partial(jax.jit, static_argnums=0)
+def _score(lm, params, tokens_BxT, mask_BxT, flags_BxT):
+    """Per row: the summed log-probability of the flagged tokens under `lm`. `lm` is a static
+    argument: equal models share the compiled function, once per (batch, bucket) shape."""
+    return _target_logprobs(lm.apply(params, tokens_BxT, mask_BxT).logits_BxTxV, tokens_BxT, flags_BxT)
 
 
 def encode_records(tokenizer, records: Sequence[dict], max_positions: int) -> list[tuple[list[int], list[bool]]]:
@@ -73,15 +62,14 @@ def encode_records(tokenizer, records: Sequence[dict], max_positions: int) -> li
 def loglik(lm, params, tokenizer, records: Sequence[dict], batch_size: int = 8) -> list[tuple[float, int]]:
     """Scores `{"prompt", "target"}` (or `{"text"}`) records.
 
-    lm: any object with `apply(params, tokens_BxT, mask_BxT) -> LMOutput` and `max_positions`
-      (a `PlainLM` or a composed model).
+    lm: any hashable object with `apply(params, tokens_BxT, mask_BxT) -> LMOutput` and
+      `max_positions` (a `PlainLM` or a composed model); a static jit argument.
     Returns, in record order, (summed log-probability of the target tokens, number of target
     tokens) per record.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     encoded = encode_records(tokenizer, records, lm.max_positions)
-    score = _score_fn(lm)
     order = sorted(range(len(encoded)), key=lambda r: len(encoded[r][0]))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -93,7 +81,7 @@ def loglik(lm, params, tokenizer, records: Sequence[dict], batch_size: int = 8) 
         flags += [[]] * (batch_size - len(rows))
         length = bucket_length(max(len(s) for s in seqs), lm.max_positions)
         tokens_BxT, mask_BxT, flags_BxT = data.pad_batch(seqs, length, flags=flags)
-        sums_B = np.asarray(score(params, tokens_BxT, mask_BxT, flags_BxT))
+        sums_B = np.asarray(_score(lm, params, tokens_BxT, mask_BxT, flags_BxT))
         for i, r in enumerate(rows):
             results[r] = (float(sums_B[i]), int(sum(encoded[r][1])))
     return results

@@ -54,7 +54,7 @@ class TrainConfig:
     append_eos: bool = True  # end each target with EOS, so the model learns to stop
     progress: bool = True  # tqdm bar
     # Memory for compute; neither changes the loss or the gradients. What the caller's loss
-    # does with them (composition.composed_loss): the anchor layers' rematerialisation
+    # does with them (losses.composed_loss): the anchor layers' rematerialisation
     # (model.REMAT_POLICIES) and the loss's logits made loss_chunk positions at a time (0: all).
     remat: str = "none"
     loss_chunk: int = 0

@@ -1,5 +1,6 @@
 """Checkpoints: base-model fingerprints, keep-last-k, atomic saves, exact resume after SIGKILL."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from calm_jax import checkpoint as ckpt
 from calm_jax import sharding
+from calm_jax.composition import CompositionOptions, init_theta
 from tests.test_train_cli import compose_argv, hf_dirs  # noqa: F401 (a fixture)
 from tests.test_train_step import ANCHOR, AUG, tiny_composition
 from train import compose
@@ -76,6 +78,58 @@ def test_storage_dtype_does_not_change_identity_or_says_what_differs(tmp_path):
     # Other weights in the same dtype are still just other weights.
     with pytest.raises(ckpt.BaseModelMismatch, match="augment_0 has the same config but different weights"):
         ckpt.check_bases(trained, {"augment_0": ckpt.fingerprint(AUG, jax.tree.map(lambda x: x + 0.01, aug))}, "run")
+
+
+def _composition_run(run_dir, ccfg, frozen):
+    """A run directory as train.compose leaves it: bases.json, composition.json, one checkpoint of Θ_C."""
+    theta = init_theta(ccfg, jax.random.key(0))
+    c = ckpt.Checkpoints(str(run_dir), {"anchor": ckpt.fingerprint(ANCHOR, frozen["anchor"]),
+                                        "augment_0": ckpt.fingerprint(AUG, frozen["augments"][0])})
+    c.save(1, {"trainable": theta}, {})
+    c.close()
+    ckpt.save_composition_config(str(run_dir), ccfg)
+    return theta
+
+
+def test_composition_options_round_trip_through_composition_json(tmp_path):
+    ccfg, _, frozen = tiny_composition()
+    everything = CompositionOptions(**{name: True for name in CompositionOptions.names()})
+    ccfg = dataclasses.replace(ccfg, options=everything)
+    theta = _composition_run(tmp_path, ccfg, frozen)
+    saved = json.loads((tmp_path / "composition.json").read_text())
+    assert saved == {"connections": [[[3, 1]]], "num_heads": 4, "options": everything.to_dict(), "dtype": "float32"}
+    loaded, loaded_theta = ckpt.load_composition(str(tmp_path), ANCHOR, [AUG])
+    assert loaded == ccfg and loaded.options == everything
+    assert jax.tree.structure(loaded_theta) == jax.tree.structure(theta)
+    ckpt.save_composition_config(str(tmp_path), ccfg)  # resuming with the same wiring: fine
+    with pytest.raises(ckpt.BaseModelMismatch, match=r"composition\.json holds a composition wired differently: "
+                                                     r"options\.gate: trained with True, given False$"):
+        ckpt.save_composition_config(str(tmp_path), dataclasses.replace(
+            ccfg, options=dataclasses.replace(everything, gate=False)))
+
+
+def test_composition_json_of_the_old_flat_layout_still_reads(tmp_path):
+    """Runs saved before CompositionOptions hold the options as top-level fields (and, older
+    still, without the options added since): they load, resume, and say what differs."""
+    ccfg, _, frozen = tiny_composition()
+    ccfg = dataclasses.replace(ccfg, options=CompositionOptions(query_norm=True, gate=True))
+    _composition_run(tmp_path, ccfg, frozen)
+    path = tmp_path / "composition.json"
+    path.write_text(json.dumps({"connections": [[[3, 1]]], "num_heads": 4, "query_norm": True,
+                                "zero_init_out": False, "gate": True, "dtype": "float32"}))  # no cross_rope yet
+    assert ckpt.load_composition(str(tmp_path), ANCHOR, [AUG])[0] == ccfg
+    ckpt.save_composition_config(str(tmp_path), ccfg)
+    with pytest.raises(ckpt.BaseModelMismatch, match=r"options\.query_norm: trained with True, given False$"):
+        ckpt.save_composition_config(str(tmp_path), dataclasses.replace(ccfg, options=CompositionOptions(gate=True)))
+    assert "options" not in json.loads(path.read_text())  # checked, never rewritten
+    # An option this version does not know is named, not ignored.
+    path.write_text(json.dumps({"connections": [[[3, 1]]], "num_heads": 4, "dtype": "float32",
+                                "options": {"gate": True, "fancy_norm": True}}))
+    for read in (lambda: ckpt.load_composition(str(tmp_path), ANCHOR, [AUG]),
+                 lambda: ckpt.save_composition_config(str(tmp_path), ccfg)):
+        with pytest.raises(ckpt.CheckpointError, match=r"composition\.json: unknown option 'fancy_norm'; the options "
+                                                       r"are query_norm, zero_init_out, gate, cross_rope"):
+            read()
 
 
 def _state(step, n=8):

@@ -2,6 +2,9 @@
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -12,12 +15,12 @@ import tokenizers
 import transformers
 
 from calm_jax.config import ModelConfig
-from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, CompositionError, check_vocabularies,
-                                  composed_forward, default_connections, describe, encoder_mode_loss,
+from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, CompositionError, CompositionOptions,
+                                  check_vocabularies, composed_forward, default_connections, describe,
                                   init_composed_cache, init_theta, param_count)
 from calm_jax.cross_attention import GATE_INIT
+from calm_jax.losses import encoder_mode_loss, next_token_loss
 from calm_jax.model import forward, init_params, param_shapes
-from calm_jax.train_step import next_token_loss
 from tests import numerics
 from tests.numerics import assert_identity
 
@@ -209,7 +212,8 @@ def test_theta_shapes_and_count_at_peer_shapes():
 
 
 def test_options_params_and_describe():
-    ccfg = CompositionConfig(ANCHOR, (AUG_LLAMA,), num_heads=2, query_norm=True, zero_init_out=True, gate=True)
+    ccfg = CompositionConfig(ANCHOR, (AUG_LLAMA,), num_heads=2,
+                             options=CompositionOptions(query_norm=True, zero_init_out=True, gate=True))
     theta = init_theta(ccfg, jax.random.key(0))
     conn = theta["augment_0"]["conn_1"]
     assert set(conn) == {"proj", "q", "k", "v", "o", "query_norm", "gate"}
@@ -225,6 +229,45 @@ def test_options_params_and_describe():
         assert line in text
     assert f"Θ_C parameters: {param_count(init_theta(CCFG, jax.random.key(0))):,}" in text
     assert "options: query_norm, zero_init_out, gate" in describe(ccfg, theta)
+
+
+def test_composition_options():
+    """One frozen dataclass; each option documented once (its field's help, listed in the class
+    docstring); dict round trip; unknown names and a bare dict refused."""
+    names = tuple(f.name for f in dataclasses.fields(CompositionOptions))
+    assert names == CompositionOptions.names() == ("query_norm", "zero_init_out", "gate", "cross_rope")
+    assert not any(CompositionOptions().to_dict().values()) and CompositionOptions().enabled() == ()
+    for f in dataclasses.fields(CompositionOptions):
+        assert f"{f.name}: {f.metadata['help']}." in CompositionOptions.__doc__
+    options = CompositionOptions(gate=True, cross_rope=True)
+    assert options.enabled() == ("gate", "cross_rope") and hash(options) == hash(CompositionOptions.from_dict(
+        {"cross_rope": True, "gate": True}))
+    assert CompositionOptions.from_dict(options.to_dict()) == options
+    with pytest.raises(CompositionError, match=r"run 3: unknown option 'gates'; the options are query_norm, "
+                                               r"zero_init_out, gate, cross_rope"):
+        CompositionOptions.from_dict({"gates": True}, where="run 3")
+    with pytest.raises(CompositionError, match="options must be a CompositionOptions, found dict"):
+        CompositionConfig(ANCHOR, (AUG_LLAMA,), options={"gate": True})
+    assert CompositionConfig(ANCHOR, (AUG_LLAMA,), options=options) != CompositionConfig(ANCHOR, (AUG_LLAMA,))
+    assert CCFG.cross_attention(0).options is CCFG.options
+
+
+def test_the_composition_imports_no_training_code():
+    code = ("import sys, calm_jax.composition; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in (['calm_jax', 'losses'], "
+            "['calm_jax', 'train_step'], ['calm_jax', 'trainer']) or m.split('.')[0] == 'train'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_composed_lm_is_a_hashable_frozen_dataclass():
+    lm = ComposedLM(CCFG)
+    assert lm == ComposedLM(dataclasses.replace(CCFG)) and hash(lm) == hash(ComposedLM(CCFG))
+    assert lm != ComposedLM(CCFG, encoder_mode=True) and ComposedLM(CCFG, encoder_mode=1).encoder_mode is True
+    assert (lm.vocab_size, lm.max_positions) == (V, 48)  # the GPT-2 augment's 48 positions are the fewest
 
 
 def test_cross_attention_empty_rows_are_exactly_zero():
@@ -329,7 +372,8 @@ def test_gradients_reach_theta_only(params, batch):
 
 def test_options_forward_is_finite_and_differs(params, batch):
     tokens, mask = batch
-    ccfg = CompositionConfig(ANCHOR, (AUG_LLAMA, AUG_GPT2), CCFG.connections, query_norm=True, gate=True)
+    ccfg = CompositionConfig(ANCHOR, (AUG_LLAMA, AUG_GPT2), CCFG.connections,
+                             options=CompositionOptions(query_norm=True, gate=True))
     theta = init_theta(ccfg, jax.random.key(0))
 
     def loss(th):
@@ -474,7 +518,7 @@ def test_composed_lm_interface():
     chex.assert_shape(init_composed_cache(ccfg, 2, 10).augments[0].k, [(2, 10, 1, 8)] * 4 + [(2, 0, 1, 8)] * 4)
 
 
-ROPE_CCFG = dataclasses.replace(CCFG, cross_rope=True)
+ROPE_CCFG = dataclasses.replace(CCFG, options=CompositionOptions(cross_rope=True))
 
 
 def test_cross_rope_changes_scores_not_parameters(params, batch):
@@ -511,4 +555,4 @@ def test_cross_rope_needs_an_even_head_size():
     odd = ModelConfig(family="llama", vocab_size=V, hidden_size=12, num_layers=2, num_heads=4, num_kv_heads=4,
                       head_dim=3, intermediate_size=16)
     with pytest.raises(CompositionError, match="even cross-attention head size"):
-        CompositionConfig(odd, (AUG_LLAMA,), connections=(((7, 1),),), cross_rope=True)
+        CompositionConfig(odd, (AUG_LLAMA,), connections=(((7, 1),),), options=CompositionOptions(cross_rope=True))

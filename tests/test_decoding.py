@@ -1,5 +1,7 @@
 """Generation: cached == uncached, padding invariance, stops, sampling, encoder vs iterative mode."""
 
+import dataclasses
+import functools
 import string
 
 import jax
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from calm_jax import composition as comp
-from calm_jax import decoding
+from calm_jax import decoding, lora, scoring
 from calm_jax.config import ModelConfig
 from calm_jax.decoding import GenerationError, Sampling
 from calm_jax.model import PlainLM, forward, param_shapes
@@ -260,3 +262,50 @@ def test_text_output_and_eos_stop(plain):
     cut = free.tokens.index(free.tokens[1]) + 1
     assert g.tokens == free.tokens[:cut] and g.stopped
     assert g.text == tok.decode(free.tokens[:cut - 1], skip_special_tokens=True)
+
+
+def test_models_are_hashable_static_arguments(composed):
+    """PlainLM, ComposedLM and LoRALM are frozen dataclasses: equal configs, equal (and equally
+    hashed) models, so a rebuilt model is the same static jit argument."""
+    cfg = tiny_config()
+    assert PlainLM(cfg) == PlainLM(cfg) and hash(PlainLM(cfg)) == hash(PlainLM(cfg))
+    assert PlainLM(cfg) != PlainLM(cfg.replace(num_layers=3))
+    assert (PlainLM(cfg).vocab_size, PlainLM(cfg).max_positions) == (VOCAB, 64)
+    ccfg = composed[0][False].ccfg
+    rebuilt = comp.ComposedLM(dataclasses.replace(ccfg))
+    assert rebuilt == composed[0][False] and hash(rebuilt) == hash(composed[0][False])
+    assert comp.ComposedLM(ccfg, encoder_mode=True) == composed[0][True] != composed[0][False]
+    assert lora.LoRALM(cfg, 4) == lora.LoRALM(cfg, 4, alpha=4.0) != lora.LoRALM(cfg, 4, alpha=8.0)
+    assert hash(lora.LoRALM(cfg, 4)) == hash(lora.LoRALM(cfg, 4, alpha=4.0)) and lora.LoRALM(cfg, 2).scale == 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PlainLM(cfg).cfg = cfg
+
+    traced = []
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def vocab_plus(model, x):
+        traced.append(model)
+        return x + model.vocab_size
+
+    for model in (PlainLM(cfg), PlainLM(cfg), comp.ComposedLM(ccfg), rebuilt, lora.LoRALM(cfg, 4),
+                  lora.LoRALM(cfg, 4, 4.0)):
+        vocab_plus(model, jnp.zeros(()))
+    assert len(traced) == 3 and vocab_plus._cache_size() == 3  # one trace per distinct model
+
+
+def test_equal_models_do_not_recompile_decoding_or_scoring(plain):
+    model, params = plain
+    greedy(model, params, PROMPTS)
+    compiled = decoding.decode._cache_size()
+    assert greedy(PlainLM(tiny_config()), params, PROMPTS) == greedy(model, params, PROMPTS)
+    assert decoding.decode._cache_size() == compiled
+    records = [{"prompt": "ab+", "target": "c"}, {"text": "a+b=c"}]
+    tok = char_tokenizer()
+    first = scoring.loglik(model, params, tok, records)
+    compiled = scoring._score._cache_size()
+    assert scoring.loglik(PlainLM(tiny_config()), params, tok, records) == first
+    assert scoring._score._cache_size() == compiled
+    # A different model is a different static argument: compiled anew (the count can see it).
+    other = tiny_config(layers=1)
+    scoring.loglik(PlainLM(other), random_params(other, 3), tok, records)
+    assert scoring._score._cache_size() == compiled + 1

@@ -139,7 +139,7 @@ def test_trained_composition_from_run_dir(dirs, tmp_path):
 
     anchor, aug1, aug2 = (load_pretrained(dirs[n]) for n in ("anchor", "aug1", "aug2"))
     ccfg = comp.CompositionConfig(anchor=anchor.config, augments=(aug1.config, aug2.config),
-                                  connections=(((3, 3),), ((1, 1), (3, 2))), gate=True)
+                                  connections=(((3, 3),), ((1, 1), (3, 2))), options=comp.CompositionOptions(gate=True))
     theta = jax.tree.map(lambda x: 3.0 * x, comp.init_theta(ccfg, jax.random.key(5)))
     run = str(tmp_path / "run")
     checkpoint.save_composition_config(run, ccfg)
@@ -209,9 +209,10 @@ def test_exact_match_scores_key_value_targets_as_generated(tmp_path, monkeypatch
     import numpy as np
 
     from calm_jax.data import read_jsonl
-    from train import kv_arithmetic as kva
+    from train.kv_arithmetic.presets import PRESETS
+    from train.kv_arithmetic.task import TASK
 
-    _, tok, paths, _ = kva.build_data(kva._presets()["tiny"], str(tmp_path))
+    paths, tok = TASK.build_data(PRESETS["tiny"], str(tmp_path)).paths, TASK.tokenizer()
     model_dir = str(tmp_path / "model")
     cfg = tiny_config(hidden=16, heads=2, kv_heads=1)
     save_pretrained(Pretrained(cfg, random_params(cfg, 4), tok), model_dir)

@@ -7,8 +7,9 @@ import pytest
 
 from calm_jax import lora
 from calm_jax.config import ModelConfig
+from calm_jax.losses import lm_loss
 from calm_jax.model import PlainLM, param_shapes
-from calm_jax.train_step import lm_loss, make_optimizer, make_train_step
+from calm_jax.train_step import make_optimizer, make_train_step
 from tests import numerics
 
 V = 48

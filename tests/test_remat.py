@@ -3,13 +3,13 @@ nothing but memory (and FLOPs)."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from calm_jax import plan
 from calm_jax import train_step as ts
-from calm_jax.composition import CompositionConfig, composed_loss, init_theta
+from calm_jax.composition import CompositionConfig, init_theta
 from calm_jax.config import ModelConfig
+from calm_jax.losses import composed_loss
 from calm_jax.model import REMAT_POLICIES, param_shapes
 from calm_jax.trainer import TrainConfig
 from tests import numerics

@@ -1,5 +1,6 @@
 """`python -m train.compose` end to end on tiny HF models, and its bad-input errors."""
 
+import dataclasses
 import json
 import os
 import random
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from calm_jax import checkpoint as ckpt
-from calm_jax.composition import param_count
+from calm_jax.composition import CompositionOptions, param_count
 from calm_jax.loading import load_pretrained
 from tests.hf_models import make_tokenizer, save_hf_model
 from train import compose
@@ -77,6 +78,28 @@ def test_cli_end_to_end(hf_dirs, tmp_path, capsys):
     # ... and resuming with other connections is refused.
     err = _error(capsys, compose_argv(hf_dirs, out, "--config", config, "--resume"))
     assert "wired differently: connections: trained with [[[1, 0], [2, 2]]], given [[[2, 2]]]" in err
+
+
+def test_composition_option_flags_are_made_from_the_options(tmp_path):
+    """One flag per CompositionOptions field, its help the field's doc; flags and --config keys
+    both reach the composition's options; train.plan offers the same flags."""
+    from train import plan
+
+    actions = {a.dest: a for a in compose.build_parser()._actions}
+    for f in dataclasses.fields(CompositionOptions):
+        assert actions[f.name].option_strings == [compose.option_flag(f.name)]
+        assert actions[f.name].help == f"{f.metadata['help']} (not in the paper)"
+    assert compose.option_flag("zero_init_out") == "--zero-init-out"
+    required = ["--anchor", "a", "--augment", "b", "--data", "d", "--out", "o"]
+    assert compose.options_from(compose.resolve(required)) == CompositionOptions()
+    assert compose.options_from(compose.resolve([*required, "--gate", "--cross-rope"])) == CompositionOptions(
+        gate=True, cross_rope=True)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"query_norm": True, "zero-init-out": True}))
+    assert compose.options_from(compose.resolve([*required, "--config", str(config), "--gate"])) == \
+        CompositionOptions(query_norm=True, zero_init_out=True, gate=True)
+    plan_flags = {s for a in plan.build_parser()._actions for s in a.option_strings}
+    assert {compose.option_flag(name) for name in CompositionOptions.names()} <= plan_flags
 
 
 def _error(capsys, argv):

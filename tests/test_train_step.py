@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from calm_jax import data as data_lib
+from calm_jax import losses
 from calm_jax import train_step as ts
 from calm_jax import trainer
 from calm_jax.composition import ComposedLM, CompositionConfig, init_theta
@@ -79,10 +80,10 @@ def random_batch(b=8, t=12, seed=0):
     return {"tokens_BxT": tokens, "mask_BxT": mask, "target_BxT": mask & (slot >= prompts[:, None])}
 
 
-COMPOSED_LOSS = ts.lm_loss(ComposedLM(CCFG).apply, ts.join_composition)
+COMPOSED_LOSS = losses.lm_loss(ComposedLM(CCFG).apply, losses.join_composition)
 OPT = ts.make_optimizer(1e-2, 100, 10)
 STEP = ts.make_train_step(COMPOSED_LOSS, OPT)  # shared, so tests reuse its compilations
-COMPOSED_LOSS64 = ts.lm_loss(ComposedLM(CCFG64).apply, ts.join_composition)
+COMPOSED_LOSS64 = losses.lm_loss(ComposedLM(CCFG64).apply, losses.join_composition)
 STEP64 = ts.make_train_step(COMPOSED_LOSS64, OPT)
 
 
@@ -95,7 +96,7 @@ def test_next_token_loss_matches_numpy():
     logits = np.random.default_rng(0).normal(size=(2, 5, 7))
     tokens = np.array([[1, 2, 3, 4, 5], [6, 0, 1, 2, 3]], np.int32)
     target = np.array([[0, 0, 1, 1, 0], [1, 1, 1, 1, 1]], bool)
-    loss_sum, n = jax.jit(ts.next_token_loss)(logits, tokens, target)
+    loss_sum, n = jax.jit(losses.next_token_loss)(logits, tokens, target)
     chex.assert_shape((loss_sum, n), ())
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = [-logp[b, t - 1, tokens[b, t]] for b in range(2) for t in range(1, 5) if target[b, t]]
@@ -169,9 +170,9 @@ def test_plain_lm_training_through_the_trainer(tmp_path):
     b = random_batch(seed=1)
     ds = data_lib.Dataset("random", b["tokens_BxT"], b["mask_BxT"], b["target_BxT"])
     cfg = trainer.TrainConfig(steps=15, batch_size=8, seq_len=12, lr=3e-3, warmup=0, mesh="data=1", progress=False)
-    result = trainer.train(str(tmp_path), cfg, ts.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds)
-    losses = [loss for _, loss in result.losses]
-    assert len(losses) == 15 and losses[-1] < losses[0] - 1.0, losses
+    result = trainer.train(str(tmp_path), cfg, losses.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds)
+    curve = [loss for _, loss in result.losses]
+    assert len(curve) == 15 and curve[-1] < curve[0] - 1.0, curve
     assert jax.tree.structure(result.trainable) == jax.tree.structure(params)
     assert os.listdir(tmp_path / "checkpoints") == ["15"] and (tmp_path / "loss.png").is_file()
 
@@ -289,7 +290,7 @@ def test_resume_refuses_other_batch_settings(tmp_path):
     b = random_batch(seed=1)
     ds = data_lib.Dataset("random", b["tokens_BxT"], b["mask_BxT"], b["target_BxT"])
     cfg = trainer.TrainConfig(steps=2, batch_size=8, seq_len=12, lr=1e-3, warmup=0, mesh="data=1", progress=False)
-    trainer.train(str(tmp_path), cfg, ts.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds)
+    trainer.train(str(tmp_path), cfg, losses.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds)
     other = dataclasses.replace(cfg, steps=4, seed=cfg.seed + 1)
     with pytest.raises(CheckpointError, match=r"seed: trained with 0, given 1"):
-        trainer.train(str(tmp_path), other, ts.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds, resume=True)
+        trainer.train(str(tmp_path), other, losses.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds, resume=True)

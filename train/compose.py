@@ -21,13 +21,35 @@ import dataclasses
 import json
 import sys
 
+from calm_jax.composition import CompositionOptions
 from calm_jax.model import REMAT_POLICIES
 from calm_jax.trainer import TrainConfig  # importing jax does not start it; initialize can still run
 
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_MODEL_DEFAULTS = dict(augment=[], eval_data=None, connections=None, num_heads=None, query_norm=False,
-                       zero_init_out=False, gate=False, cross_rope=False, frozen_dtype="float32", resume=False,
+_OPTION_FIELDS = dataclasses.fields(CompositionOptions)
+_MODEL_DEFAULTS = dict(augment=[], eval_data=None, connections=None, num_heads=None,
+                       **{f.name: f.default for f in _OPTION_FIELDS}, frozen_dtype="float32", resume=False,
                        coordinator=None, num_processes=None, process_id=None)
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of a CompositionOptions field: its name with "-" for "_", after "--"."""
+    return "--" + name.replace("_", "-")
+
+
+def add_option_flags(parser) -> None:
+    """One on/off flag per CompositionOptions field (--query-norm, ...), its help the field's doc.
+    An absent flag parses to None ("not given"), so a --config file's value stands."""
+    for f in _OPTION_FIELDS:
+        parser.add_argument(option_flag(f.name), action="store_true", default=None,
+                            help=f"{f.metadata['help']} (not in the paper)")
+
+
+def options_from(values) -> CompositionOptions:
+    """The CompositionOptions of parsed values: a {field name: value} dict (`resolve`'s) or an
+    argparse Namespace with an attribute per field."""
+    get = values.__getitem__ if isinstance(values, dict) else lambda name: getattr(values, name)
+    return CompositionOptions(**{f.name: get(f.name) for f in _OPTION_FIELDS})
 
 
 def parse_connections(spec: str | None, n_augments: int):
@@ -57,11 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (metrics, checkpoints, plots)")
     p.add_argument("--connections", help="explicit pairs 'model:aug_layer-anchor_layer,...' (default: the paper's)")
     p.add_argument("--num-heads", type=int, help="cross-attention heads (default: the anchor's)")
-    p.add_argument("--query-norm", action="store_true", default=None, help="RMSNorm on the query side (not in paper)")
-    p.add_argument("--zero-init-out", action="store_true", default=None, help="zero-init W^O (not in paper)")
-    p.add_argument("--gate", action="store_true", default=None, help="learned tanh gate (not in paper)")
-    p.add_argument("--cross-rope", action="store_true", default=None,
-                   help="RoPE on cross-attention q/k at the tokens' positions (not in paper)")
+    add_option_flags(p)
     p.add_argument("--frozen-dtype", choices=("float32", "bfloat16"), help="storage dtype of the frozen models")
     p.add_argument("--resume", action="store_true", default=None, help="continue from RUN_DIR's latest checkpoint")
     t = p.add_argument_group("training (calm_jax.trainer.TrainConfig)")
@@ -148,7 +166,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from calm_jax import checkpoint, composition, data, trainer
+    from calm_jax import checkpoint, composition, data, losses, trainer
     from calm_jax.config import ConfigError
     from calm_jax.loading import CheckpointError, load_config, load_pretrained, load_tokenizer
     from calm_jax.model import param_shapes
@@ -165,8 +183,7 @@ def main(argv=None) -> int:
         ccfg = composition.CompositionConfig(
             anchor=configs[0], augments=tuple(configs[1:]),
             connections=parse_connections(v["connections"], len(v["augment"])), num_heads=v["num_heads"],
-            query_norm=v["query_norm"], zero_init_out=v["zero_init_out"], gate=v["gate"],
-            cross_rope=v["cross_rope"])
+            options=options_from(v))
         longest = composition.ComposedLM(ccfg).max_positions
         if "seq_len" not in v["given"] and cfg.seq_len > longest:
             say(f"--seq-len not given: using {longest}, the models' position limit, not the default {cfg.seq_len}")
@@ -196,7 +213,7 @@ def main(argv=None) -> int:
         checkpoint.save_composition_config(v["out"], ccfg)
         frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}
         result = trainer.train(
-            v["out"], cfg, composition.composed_loss(ccfg, cfg.remat, cfg.loss_chunk), theta, frozen,
+            v["out"], cfg, losses.composed_loss(ccfg, cfg.remat, cfg.loss_chunk), theta, frozen,
             train_data, eval_data, bases=checkpoint.composition_bases(anchor, augments), resume=v["resume"],
             mesh=mesh, meta={"anchor": v["anchor"], "augments": v["augment"]})
     except (CheckpointError, ConfigError, composition.CompositionError, data.DataError, sharding.MeshError) as e:

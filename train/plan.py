@@ -48,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "compiles, then check the prediction by compiling it)")
     p.add_argument("--connections", help="explicit pairs 'model:aug_layer-anchor_layer,...' (default: the paper's)")
     p.add_argument("--num-heads", type=int, help="cross-attention heads (default: the anchor's)")
-    p.add_argument("--query-norm", action="store_true")
-    p.add_argument("--zero-init-out", action="store_true")
-    p.add_argument("--gate", action="store_true")
-    p.add_argument("--cross-rope", action="store_true")
+    # train.compose's composition-option flags (CompositionOptions' fields), written out here:
+    # generating them would import JAX before the device count is set. tests/test_train_cli.py checks
+    # that they match.
+    p.add_argument("--query-norm", action="store_true", help="as train.compose")
+    p.add_argument("--zero-init-out", action="store_true", help="as train.compose")
+    p.add_argument("--gate", action="store_true", help="as train.compose")
+    p.add_argument("--cross-rope", action="store_true", help="as train.compose")
     p.add_argument("--match-vocab", action="store_true",
                    help="plan as if each augmenting model's vocab_size were the anchor's (same tokenizer, "
                         "embedding tables padded differently, e.g. Qwen2.5-7B 152064 vs Qwen2.5-1.5B 151936)")
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
     from calm_jax import composition, plan as plan_lib, sharding
     from calm_jax.config import ConfigError
     from calm_jax.loading import CheckpointError, load_config
-    from train.compose import parse_connections
+    from train.compose import options_from, parse_connections
 
     try:
         device_memory = plan_lib.parse_bytes(args.device_memory)
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
         ccfg = composition.CompositionConfig(
             anchor=configs[0], augments=tuple(configs[1:]),
             connections=parse_connections(args.connections, len(args.augment)), num_heads=args.num_heads,
-            query_norm=args.query_norm, zero_init_out=args.zero_init_out, gate=args.gate, cross_rope=args.cross_rope)
+            options=options_from(args))
         setup = plan_lib.Setup(ccfg, mesh, args.batch_size, args.seq_len, args.grad_accum, args.remat,
                                args.loss_chunk, args.fsdp)
         setup.check()
