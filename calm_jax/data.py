@@ -73,6 +73,26 @@ def read_jsonl(path: str, require: tuple[str, ...] | None = None) -> list[dict]:
     return records
 
 
+def write_text(path: str, text: str) -> None:
+    """Writes `path` whole or not at all (a temporary file renamed over it): an interrupted
+    run never leaves a half-written file, nor loses what a file held before."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: str, records: Iterable[dict]) -> None:
+    """One JSON object per line (UTF-8, non-ASCII kept), written whole or not at all."""
+    write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+
+
+def write_json(path: str, content) -> None:
+    """`content` as indented JSON, written whole or not at all."""
+    write_text(path, json.dumps(content, indent=1))
+
+
 def encode(tokenizer, record: dict, append_eos: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids and a per-token "is target" flag for one record.
 

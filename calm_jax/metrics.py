@@ -1,14 +1,22 @@
-"""Evaluation metrics over generated text: exact match, chrF and BLEU (sacrebleu).
+"""Evaluation metrics over generated text: exact match, chrF and BLEU (sacrebleu), and pass@k.
 
 Exact-match normalisation (`normalize_answer`), applied to prediction and target alike:
   1. Unicode NFKC (so e.g. full-width digits equal ASCII ones),
   2. leading/trailing whitespace removed,
   3. every internal run of whitespace (spaces, tabs, newlines) replaced by one space.
 Case and punctuation are kept: "12" != "12." and "Paris" != "paris".
+
+pass@k (`pass_at_k`): of n programs sampled for a problem, c passed its tests; the unbiased
+estimate of the chance that at least one of k samples passes is 1 - C(n-c, k) / C(n, k)
+(Chen et al. 2021, "Evaluating Large Language Models Trained on Code"), computed as
+1 - prod_{i=n-c+1}^{n} (1 - k/i), which stays finite and accurate for large n. A benchmark's
+pass@k is its mean over problems (`mean_pass_at_k`); eval.pass_at_k runs the programs.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import unicodedata
 from collections import defaultdict
 from typing import Iterable, Sequence
@@ -63,6 +71,29 @@ def summarize(tasks: Iterable[str | None], predictions: Sequence[str], targets: 
             scores[name] = METRICS[name](preds, tgts)
         out[task] = scores
     return out
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples of which c passed (see the module docstring):
+    0.0 when c == 0, 1.0 when n - c < k (every k-subset holds a passing sample).
+
+    Raises ValueError unless n, c, k are integers with 0 <= c <= n and 1 <= k <= n.
+    """
+    if not (all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (n, c, k))
+            and 0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs integers with 0 <= c <= n and 1 <= k <= n, got n={n!r}, c={c!r}, k={k!r}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(counts: Iterable[tuple[int, int]], k: int) -> float:
+    """Mean of `pass_at_k(n, c, k)` over problems given as (n, c) pairs (their n may differ).
+    Raises ValueError on no problems or on a pair `pass_at_k` refuses."""
+    scores = [pass_at_k(n, c, k) for n, c in counts]
+    if not scores:
+        raise ValueError("pass@k of no problems")
+    return sum(scores) / len(scores)
 
 
 def _check_lengths(predictions, targets):

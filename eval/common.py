@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -199,17 +198,3 @@ def fit_max_new_tokens(args, tokenizer, max_positions: int, records) -> None:
         print(f"--max-new-tokens not given: using {room}, not the default {args.default_max_new_tokens}: the "
               f"model has {max_positions} positions and the longest prompt "
               f"({where(records[longest], longest)}) has {lengths[longest]} tokens", file=sys.stderr)
-
-
-def write_text(path: str, text: str) -> None:
-    """Writes `path` whole or not at all (a temporary file renamed over it): an interrupted
-    run never leaves a results file that lost the rows other runs put there."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: str, records) -> None:
-    write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))

@@ -3,11 +3,11 @@
     python -m eval.exact_match (--model DIR | --anchor DIR --augment DIR ... [--composition RUN_DIR]
         [--encoder-mode]) --data FILE.jsonl --out DIR [--metrics chrf,bleu] [generation flags]
 
-Records may carry a "task" field: scores are given per task and over "all". Targets are
-compared as generations are rendered (the tokenizer's special tokens, e.g. the key-value
-task's markers, removed: `calm_jax.decoding.as_generated`). Exact match compares
-`calm_jax.metrics.normalize_answer` of prediction and target (NFKC, whitespace trimmed and
-collapsed; case kept). Writes to DIR:
+Records may carry a "task" field: scores are given per task and over "all". Scored by
+calm_jax.evaluation.score, the path the experiments use too: targets are compared as
+generations are rendered (the tokenizer's special tokens, e.g. the key-value task's
+markers, removed), by `calm_jax.metrics.normalize_answer` of prediction and target (NFKC,
+whitespace trimmed and collapsed; case kept). Writes to DIR:
   predictions-LABEL.jsonl   each record with its "prediction" and "correct"
   results.json              {label: {"scores": {task: {n, exact_match, chrf?, bleu?}},
                             "source": what was evaluated (eval.common.describe), "data", ...}}
@@ -26,7 +26,8 @@ import os
 import re
 import sys
 
-from calm_jax import decoding, metrics
+from calm_jax import evaluation, metrics
+from calm_jax.data import write_jsonl, write_text
 from eval import common
 
 
@@ -110,9 +111,7 @@ def main(argv=None) -> int:
 
     loaded, records, gens, seconds = common.generate_for(args, args.data, need_target=True, before_loading=claim_row)
 
-    preds = [g.text for g in gens]
-    targets = [decoding.as_generated(loaded.tokenizer, r["target"]) for r in records]
-    scores = metrics.summarize([r.get("task") for r in records], preds, targets, extra)
+    rows, scores = evaluation.score(loaded.tokenizer, records, [g.text for g in gens], extra)
     os.makedirs(args.out, exist_ok=True)
     # Held while the directory's files are read and rewritten: runs into one --out at once
     # each add their row instead of the last writer's file winning.
@@ -120,15 +119,13 @@ def main(argv=None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = _read_results(results_path)
         check_row(results, loaded.label, identity, results_path)  # another process may have written it meanwhile
-        common.write_jsonl(os.path.join(args.out, f"predictions-{_safe(loaded.label)}.jsonl"),
-                           [{**r, "prediction": p, "correct": metrics.exact_match(p, t)}
-                            for r, p, t in zip(records, preds, targets)])
+        write_jsonl(os.path.join(args.out, f"predictions-{_safe(loaded.label)}.jsonl"), rows)
         results[loaded.label] = {"scores": scores, **identity, "encoder_mode": bool(args.encoder_mode),
                                  "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                  "seconds": round(seconds, 2)}
-        common.write_text(results_path, json.dumps(results, indent=2))
+        write_text(results_path, json.dumps(results, indent=2))
         table = markdown_table(results)
-        common.write_text(os.path.join(args.out, "results.md"), table)
+        write_text(os.path.join(args.out, "results.md"), table)
     print(table)
     print(f"{loaded.label}: {len(records)} records in {seconds:.1f}s (compilation included) -> {args.out}",
           file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from calm_jax.data import write_jsonl
 from eval import common
 
 
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, metavar="FILE.jsonl")
     args = parser.parse_args(argv)
     loaded, records, gens, seconds = common.generate_for(args, args.prompts, need_target=False)
-    common.write_jsonl(args.out, [{**r, "generation": g.text, "tokens": g.tokens, "num_generated": g.num_generated,
+    write_jsonl(args.out, [{**r, "generation": g.text, "tokens": g.tokens, "num_generated": g.num_generated,
                                    "stopped": g.stopped} for r, g in zip(records, gens)])
     total = sum(g.num_generated for g in gens)
     print(f"{loaded.label}: {len(gens)} prompts, {total} tokens in {seconds:.1f}s (compilation included) "
