@@ -13,15 +13,18 @@ import re
 import numpy as np
 import pytest
 
-from calm_jax import kv_task
-from calm_jax.data import read_jsonl
-from train import kv_arithmetic as kva
+from calm_jax.data import read_jsonl, write_jsonl
+from calm_jax.experiment import stages, study
+from train.kv_arithmetic import data as kv_task
+from train.kv_arithmetic.__main__ import main
+from train.kv_arithmetic.presets import PRESETS
+from train.kv_arithmetic.task import TASK
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("kv") / "run")
-    table = kva.run("tiny", out)
+    table = study.run_table1(TASK, "tiny", out)
     return out, table
 
 
@@ -52,7 +55,7 @@ def test_markdown_and_plot(run_dir):
 def test_predictions_match_accuracy(run_dir):
     out, table = run_dir
     for model in ("m_A", "m_B", "calm"):
-        for task in kva.EVAL_TASKS:
+        for task in TASK.eval_sets:
             preds = read_jsonl(os.path.join(out, "predictions", f"{model}-{task}.jsonl"))
             assert len(preds) == 16
             assert np.mean([p["correct"] for p in preds]) == pytest.approx(table[model][task])
@@ -60,7 +63,7 @@ def test_predictions_match_accuracy(run_dir):
 
 def test_dc_uses_only_held_in_keys(run_dir):
     out, _ = run_dir
-    kv = kv_task.make_kv_data(kva._presets()["tiny"].task)
+    kv = kv_task.make_kv_data(PRESETS["tiny"].task)
     held_in = {kv.keys[i] for i in kv.held_in}
     dc = read_jsonl(os.path.join(out, "data", "calm.jsonl"))
     kva_records = [r for r in dc if r["prompt"].startswith("[KVA]")]
@@ -76,7 +79,7 @@ def test_base_models_saved_and_reused(run_dir, capsys):
     from transformers import AutoConfig
 
     out, table = run_dir
-    preset = kva._presets()["tiny"]
+    preset = PRESETS["tiny"]
     seq = table["config"]["seq_lens"]
     for name in ("m_A", "m_B"):
         hf = AutoConfig.from_pretrained(os.path.join(out, name))
@@ -84,8 +87,8 @@ def test_base_models_saved_and_reused(run_dir, capsys):
         assert os.path.isfile(os.path.join(out, name, "tokenizer.json"))
     before = os.path.getmtime(os.path.join(out, "m_A", "model.safetensors"))
     tok = kv_task.make_tokenizer()
-    again = kva.train_base("m_A", preset.m_A, preset.train_A, seq["m_A"], tok, os.path.join(out, "data", "m_A.jsonl"),
-                           out, seed=1, max_positions=4 * max(seq.values()))
+    again = stages.train_base("m_A", preset.m_A, preset.train_A, seq["m_A"], tok,
+                              os.path.join(out, "data", "m_A.jsonl"), out, seed=1, max_positions=4 * max(seq.values()))
     assert os.path.getmtime(os.path.join(out, "m_A", "model.safetensors")) == before
     assert again.config.num_layers == preset.m_A.layers
     assert "skipping training" in capsys.readouterr().out
@@ -95,15 +98,15 @@ def test_reuse_refuses_another_recipe(run_dir, tmp_path):
     """A rerun with other data or settings into the same directory raises instead of reusing
     the old models or Θ_C; the error names the directory and what differs."""
     out, table = run_dir
-    preset = kva._presets()["tiny"]
+    preset = PRESETS["tiny"]
     tok = kv_task.make_tokenizer()
     seq = table["config"]["seq_lens"]
     positions = 4 * max(seq.values())
     for name in ("m_A", "m_B", "calm"):
-        assert os.path.isfile(os.path.join(out, name, kva.RECIPE_FILE))
+        assert os.path.isfile(os.path.join(out, name, stages.RECIPE_FILE))
 
     def base(name, stage=None, data=None):
-        return kva.train_base(name, getattr(preset, name), stage or getattr(preset, f"train_{name[-1]}"), seq[name],
+        return stages.train_base(name, getattr(preset, name), stage or getattr(preset, f"train_{name[-1]}"), seq[name],
                               tok, data or os.path.join(out, "data", f"{name}.jsonl"), out,
                               seed={"m_A": 1, "m_B": 2}[name], max_positions=positions)
 
@@ -112,23 +115,24 @@ def test_reuse_refuses_another_recipe(run_dir, tmp_path):
     with pytest.raises(ValueError, match=expected):
         base("m_A", stage=longer)
     other_data = str(tmp_path / "m_A.jsonl")
-    kva._write_jsonl(other_data, read_jsonl(os.path.join(out, "data", "m_A.jsonl"))[1:])
+    write_jsonl(other_data, read_jsonl(os.path.join(out, "data", "m_A.jsonl"))[1:])
     with pytest.raises(ValueError, match="data_sha256"):
         base("m_A", data=other_data)
     m_A, m_B = base("m_A"), base("m_B")  # the same recipe is reused
     faster = dataclasses.replace(preset.train_C, lr=2 * preset.train_C.lr)
     with pytest.raises(ValueError, match=r"calm was trained from another recipe.*train\.lr"):
-        kva.train_composition(os.path.join(out, "calm"), kva.composition_config(preset, m_A, m_B), faster,
+        stages.train_composition(os.path.join(out, "calm"), stages.composition_config(preset, m_A, m_B), faster,
                               seq["calm"], tok, os.path.join(out, "data", "calm.jsonl"), m_A, m_B, seed=3)
 
 
 def test_build_data_mixes_dc_tasks_and_marks_m_A_prompts(tmp_path):
     """dc_substitution / dc_numeric split D_C by task (Numeric-Arithmetic examples carry no key);
     random_marker gives some of m_A's substitution prompts another task marker."""
-    base = kva._presets()["tiny"]
-    preset = dataclasses.replace(base, task=base.task.replace(random_marker=0.5), dc_substitution=0.25,
-                                 dc_numeric=0.25)
-    kv, _, paths, _ = kva.build_data(preset, str(tmp_path))
+    base = PRESETS["tiny"]
+    preset = dataclasses.replace(base, task=base.task.replace(random_marker=0.5, dc_substitution=0.25,
+                                                              dc_numeric=0.25))
+    data = TASK.build_data(preset, str(tmp_path))
+    kv, paths = data.state, data.paths
     held_in = {kv.keys[i] for i in kv.held_in}
     dc = read_jsonl(paths["calm"])
     counts = {m: sum(r["prompt"].startswith(m) for r in dc) for m in kv_task.MARKERS.values()}
@@ -146,12 +150,42 @@ def test_build_data_mixes_dc_tasks_and_marks_m_A_prompts(tmp_path):
 
 
 def test_preset_overrides():
-    p = kva.get_preset("tiny", ["task.n_kv=30", "connections=((1, 1),)", "train_C.lr=0.01", "m_B.family=gpt2"])
+    p = study.get_preset(TASK, "tiny", ["task.n_kv=30", "connections=((1, 1),)", "train_C.lr=0.01", "m_B.family=gpt2",
+                                        "options.gate=True", "seeds.theta=4"])
     assert (p.task.n_kv, p.connections, p.train_C.lr, p.m_B.family) == (30, ((1, 1),), 0.01, "gpt2")
-    assert p.train_A == kva.get_preset("tiny").train_A
+    assert (p.options.gate, p.seeds.theta, p.seeds.m_A) == (True, 4, 1)
+    assert p.train_A == study.get_preset(TASK, "tiny").train_A
     for bad, match in [("foo=1", "Preset has no field 'foo'"), ("task.bar=1", "KVTaskConfig has no field 'bar'"),
-                       ("xx.y=1", "'xx' is not one of"), ("task.n_kv", "not FIELD=VALUE")]:
+                       ("xx.y=1", "'xx' is not one of task, m_A"), ("task.n_kv", "not FIELD=VALUE"),
+                       ("options.glu=1", "CompositionOptions has no field 'glu'")]:
         with pytest.raises(ValueError, match=match):
-            kva.get_preset("tiny", [bad])
+            study.get_preset(TASK, "tiny", [bad])
     with pytest.raises(ValueError, match="unknown preset"):
-        kva.get_preset("huge")
+        study.get_preset(TASK, "huge")
+
+
+def test_seeds_runs_table1_per_data_seed(tmp_path, capsys):
+    """--seeds runs the whole pipeline once per data seed (task.seed) and reports every run with
+    mean, min and max."""
+    out = str(tmp_path / "seeds")
+    assert main(["--preset", "tiny", "--seeds", "0,1", "--workers", "1", "--out", out]) == 0
+    with open(os.path.join(out, "seeds.json")) as f:
+        seeds = json.load(f)
+    assert list(seeds["runs"]) == ["seed0", "seed1"]
+    for name, seed in (("seed0", 0), ("seed1", 1)):
+        with open(os.path.join(out, name, "table1.json")) as f:
+            assert seeds["runs"][name] == json.load(f)
+        assert seeds["runs"][name]["config"]["task"]["seed"] == seed
+    # Different data seeds draw different keys.
+    assert read_jsonl(os.path.join(out, "seed0", "data", "calm.jsonl")) != \
+        read_jsonl(os.path.join(out, "seed1", "data", "calm.jsonl"))
+    for model in ("m_A", "m_B", "calm"):
+        for s in TASK.eval_sets:
+            values = [seeds["runs"][r][model][s] for r in ("seed0", "seed1")]
+            assert seeds["summary"][model][s] == {"mean": pytest.approx(sum(values) / 2), "min": min(values),
+                                                  "max": max(values)}
+    md = open(os.path.join(out, "seeds.md")).read()
+    assert "| seed1 | CALM |" in md and "| **mean** | CALM |" in md
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny", "--seeds", "0,0", "--out", out])
+    assert "distinct" in capsys.readouterr().err

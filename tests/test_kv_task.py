@@ -5,7 +5,7 @@ import re
 import pytest
 
 from calm_jax import data as data_lib
-from calm_jax import kv_task
+from train.kv_arithmetic import data as kv_task
 
 CFG = kv_task.KVTaskConfig(n_kv=120, n_eval=100, seed=7)
 

@@ -68,6 +68,10 @@ class KVTaskConfig:
     # marker drawn uniformly: m_A reads the keys of a [KVA] prompt (the composition's input)
     # as it reads a [SUB] one. It is still only taught substitution. See `with_random_markers`.
     random_marker: float = 0.0
+    # D_C (the composition's data, held-in keys only): the fractions given as KV-Substitution
+    # and as Numeric-Arithmetic (which carries no key) instead of KV-Arithmetic.
+    dc_substitution: float = 0.0
+    dc_numeric: float = 0.0
 
     def __post_init__(self):
         if not set(self.operators) <= set("+-*") or not self.operators:
@@ -78,6 +82,10 @@ class KVTaskConfig:
             raise ValueError(f"terms must satisfy 1 <= min <= max, found {self.min_terms}..{self.max_terms}")
         if not 0.0 < self.held_in_fraction < 1.0:
             raise ValueError(f"held_in_fraction must be in (0, 1), found {self.held_in_fraction}")
+        if not (0.0 <= self.dc_substitution and 0.0 <= self.dc_numeric
+                and self.dc_substitution + self.dc_numeric <= 1.0):
+            raise ValueError(f"dc_substitution and dc_numeric must be >= 0 with a sum <= 1, found "
+                             f"{self.dc_substitution}, {self.dc_numeric}")
         if not 0.0 <= self.random_marker <= 1.0:
             raise ValueError(f"random_marker must be in [0, 1], found {self.random_marker}")
         if not 0.0 <= self.context_noise <= 1.0 or self.max_noise_len < 1 or self.noise_copies < 1:

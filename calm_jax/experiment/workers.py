@@ -1,0 +1,123 @@
+"""Jobs side by side in worker processes, one per CPU core, each pinned to its core.
+
+On CPU the small models of a study keep two cores only partly busy: two jobs in two
+processes, one core each, finish sooner than the same jobs one after the other on both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+
+def default_workers(jobs: int) -> int:
+    """One worker process per usable CPU core (at most `jobs`) on CPU; 1 on an accelerator."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return 1
+    return max(1, min(jobs, len(usable_cores())))
+
+
+def usable_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def core_sets(workers: int) -> list:
+    """Disjoint CPU core lists, one per worker (None each: not pinned, when not on CPU)."""
+    import jax
+
+    if jax.default_backend() != "cpu" or not hasattr(os, "sched_setaffinity"):
+        return [None] * workers
+    cores = usable_cores()
+    if workers > len(cores):
+        raise ValueError(f"{workers} workers asked for, but this process may use only {len(cores)} CPU cores")
+    return [cores[i * len(cores) // workers:(i + 1) * len(cores) // workers] for i in range(workers)]
+
+
+def run_jobs(kind: str, names: Sequence[str], job: Callable, setup: Callable, workers: int, timer, done: Callable,
+             logs: str, order: Sequence[str] | None = None, context=None) -> None:
+    """done(name, job(context, name)) for every name.
+
+    workers <= 1: in this process, one after the other, with `context` (or setup() when None).
+    Otherwise in `workers` spawned processes, each pinned to its own CPU cores, started in
+    `order` (default: `names`; put the longest first). Each worker calls setup() once (job,
+    setup: picklable, e.g. module-level functions or functools.partial of them) and writes
+    its output, Python's and the runtime's, to LOGS/<name>.log. A failed job raises
+    RuntimeError naming the job and its log; the jobs not started yet are cancelled.
+    """
+    if workers <= 1:
+        context = setup() if context is None else context
+        for name in names:
+            with timer.stage(name):
+                result = job(context, name)
+            done(name, result)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    cores = core_sets(workers)
+    print(f"{kind}: {len(names)} jobs in {workers} worker processes"
+          + (f" (cores {', '.join(map(str, cores))})" if cores[0] is not None else "")
+          + f"; the output of each: {logs}/<name>.log", flush=True)
+    mp = multiprocessing.get_context("spawn")  # a forked JAX runtime is not safe to use
+    queue = mp.Queue()
+    for c in cores:
+        queue.put(c)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=mp, initializer=_worker_init,
+                                                initargs=(queue,)) as pool, \
+            tqdm(total=len(names), desc=kind, unit="job", dynamic_ncols=True) as bar:
+        futures = {pool.submit(_worker_job, job, setup, name, os.path.join(logs, f"{name}.log")): name
+                   for name in (order or names)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                name = futures[future]
+                try:
+                    result, seconds = future.result()
+                except Exception as e:
+                    raise RuntimeError(f"{kind} job {name!r} failed: {type(e).__name__}: {e} "
+                                       f"(its output: {os.path.join(logs, name + '.log')})") from e
+                timer.seconds[name] = seconds
+                bar.update(1)
+                bar.set_postfix_str(name)
+                with tqdm.external_write_mode():  # done() prints a line; keep it off the bar's
+                    done(name, result)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the jobs not started yet; running ones finish (resumable)
+            raise
+
+
+def _worker_init(queue) -> None:
+    cores = queue.get()
+    if cores is not None:
+        os.sched_setaffinity(0, cores)  # before JAX starts, so that its thread pools match
+    os.environ.setdefault("TQDM_MININTERVAL", "10")  # bars go to a log file: a line per 10 s
+
+
+_CONTEXTS: dict = {}  # per worker process: setup()'s result, by setup
+
+
+def _worker_job(job, setup, name: str, log: str):
+    """One job in a worker process, its output (Python's and the runtime's) into `log`."""
+    from calm_jax.experiment.stages import Timer
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        if setup not in _CONTEXTS:
+            _CONTEXTS[setup] = setup()
+        timer = Timer()
+        with timer.stage(name):
+            result = job(_CONTEXTS[setup], name)
+        return result, timer.seconds[name]
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()

@@ -1,0 +1,78 @@
+"""Key-value arithmetic (paper §4.1, Table 1) end to end; what `make demo` runs.
+
+    python -m train.kv_arithmetic [--preset default|tiny|paper] [--out runs/kv_arithmetic] [--fresh]
+                                  [--set FIELD=VALUE ...] [--ablations] [--sweep] [--seeds 0,1,2] [--workers N]
+
+Stages, each with a progress bar and its time (calm_jax.experiment.study.run_table1):
+  data   D_KV, the three datasets, D_C (train.kv_arithmetic.task), as JSONL under OUT/data/
+  m_A    a small Llama-style LM trained on KV-Substitution over all keys   -> OUT/m_A (HF format)
+  m_B    a larger one trained on Numeric-Arithmetic only (never sees keys) -> OUT/m_B (HF format)
+  calm   Θ_C trained on D_C (held-in keys only), both models frozen        -> OUT/calm
+  eval   greedy generation of m_A, m_B and CALM on KV-Substitution, Numeric-Arithmetic,
+         KV-Arithmetic (all keys) and KV-Arithmetic (held-out keys only), exact match
+Results: OUT/table1.json, table1.md, table1.png. Trained models and Θ_C are kept: a rerun
+reuses them after checking their recipe.json, and refuses other data or settings.
+--ablations: the Table 5 rows into OUT/ablations; --sweep: Θ_C per held-in key fraction into
+OUT/sweep; --seeds: Table 1 once per data seed into OUT/seed<S>, with mean/min/max in
+OUT/seeds.json. These run their jobs side by side, one worker process per CPU core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from calm_jax.experiment import study
+from train.kv_arithmetic.task import TASK
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.kv_arithmetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="default", choices=tuple(TASK.presets()))
+    parser.add_argument("--out", default=os.path.join("runs", "kv_arithmetic"), metavar="DIR")
+    parser.add_argument("--fresh", action="store_true", help="delete DIR first (retrain everything)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                        help="change the preset, e.g. train_B.steps=2250, connections='((1,3),)', "
+                             "options.gate=True, seeds.theta=4 or task.seed=1 (repeatable); use a fresh --out")
+    parser.add_argument("--ablations", action="store_true", help="the ablations (Table 5) into DIR/ablations")
+    parser.add_argument("--sweep", action="store_true", help="the held-in key fraction sweep into DIR/sweep")
+    parser.add_argument("--seeds", metavar="S,S,...",
+                        help="Table 1 once per data seed (task.seed) into DIR/seed<S>, summarised in DIR/seeds.json")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="with --ablations/--sweep/--seeds: jobs run at once, each in its own process pinned to "
+                             "its own CPU cores (default: one per core on CPU, 1 on an accelerator)")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be >= 1, found {args.workers}")
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            parser.error(f"--seeds takes comma-separated integers, found {args.seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            parser.error(f"--seeds needs distinct seeds, found {args.seeds!r}")
+        if args.ablations or args.sweep:
+            parser.error("--seeds runs Table 1 per seed; run --ablations or --sweep separately")
+    try:
+        study.get_preset(TASK, args.preset, args.overrides)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    if args.fresh and os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    if seeds is not None:
+        study.run_seeds(TASK, args.preset, args.out, seeds, args.overrides, args.workers)
+    elif args.ablations or args.sweep:
+        if args.ablations:
+            study.run_ablations(TASK, args.preset, args.out, args.overrides, args.workers)
+        if args.sweep:
+            study.run_sweep(TASK, args.preset, args.out, args.overrides, args.workers)
+    else:
+        study.run_table1(TASK, args.preset, args.out, overrides=args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
