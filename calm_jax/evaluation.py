@@ -5,8 +5,9 @@
 (calm_jax.metrics.summarize: "all" plus one entry per "task" field), and the corpus metrics
 asked for (chrF, BLEU). Targets are compared as generations render
 (`decoding.as_generated`: the tokenizer's special tokens removed), so a target spelled with
-special tokens can be matched at all. Program-synthesis records are scored by execution
-instead: `calm_jax.execution` and `calm_jax.metrics.pass_at_k` (python -m eval.pass_at_k).
+special tokens can be matched at all. Program-synthesis problems are scored by execution
+instead (`score_programs`: each sample run sandboxed by calm_jax.execution, then
+calm_jax.metrics.pass_at_k per problem; python -m eval.pass_at_k).
 """
 
 from __future__ import annotations
@@ -55,3 +56,29 @@ def generate_and_score(model, params, tokenizer, records: Sequence[dict], *, max
                              max_new_tokens=max_new_tokens, names=names, **generation)
     rows, scores = score(tokenizer, records, [g.text for g in gens], corpus_metrics)
     return Scored(gens, rows, scores)
+
+
+def score_programs(problems: Sequence[dict], samples: Sequence[tuple[int, str]], ks: Sequence[int],
+                   sandbox=None, workers: int = 4):
+    """Runs every sample (problem index, completion) against its problem's tests, each in its own
+    sandboxed process (execution.build_program: prompt + completion + tests +
+    check(entry_point)), and scores pass@k.
+
+    Returns (results, rows, means): one execution.Result per sample; per problem
+    {"problem_index", "task_id" (when the problem has one), "n", "c", "pass@k": {k: estimate}};
+    {k: pass@k averaged over problems} (keys are str(k)).
+    """
+    from calm_jax import execution
+
+    sandbox = sandbox or execution.Sandbox()
+    sources = [execution.build_program(problems[i]["prompt"], completion, problems[i]["tests"],
+                                       problems[i].get("entry_point")) for i, completion in samples]
+    results = execution.run_programs(sources, sandbox, workers=workers)
+    counts, passed = [0] * len(problems), [0] * len(problems)
+    for (index, _), result in zip(samples, results):
+        counts[index] += 1
+        passed[index] += result.status == "passed"
+    rows = [{"problem_index": i, **({"task_id": p["task_id"]} if "task_id" in p else {}), "n": counts[i],
+             "c": passed[i], "pass@k": {str(k): metrics.pass_at_k(counts[i], passed[i], k) for k in ks}}
+            for i, p in enumerate(problems)]
+    return results, rows, {str(k): metrics.mean_pass_at_k(zip(counts, passed), k) for k in ks}

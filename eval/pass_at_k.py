@@ -15,7 +15,8 @@ Problems: {"prompt", "tests"[, "entry_point"][, "task_id"]} records (HumanEval's
 Every problem needs n >= k samples for each k of --k. Each sample runs as
 calm_jax.execution.build_program (prompt + completion + tests + "check(entry_point)") under
 calm_jax.execution's sandbox (its own process, rlimits, an unprivileged user when run as root);
-pass@k per problem is calm_jax.metrics.pass_at_k of its n samples, c of them passed.
+pass@k per problem is calm_jax.metrics.pass_at_k of its n samples, c of them passed
+(calm_jax.evaluation.score_programs, the library's scoring path).
 Writes to DIR:
   samples.jsonl   each sample (its fields, problem_index, task_id, completion) with its
                   "result": status (passed, failed, timed_out, crashed), exit_code, signal,
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from calm_jax import decoding, execution, metrics
+from calm_jax import decoding, evaluation, execution
 from calm_jax.data import DataError, read_jsonl, where, write_json, write_jsonl
 from eval import common
 
@@ -128,19 +129,6 @@ def generate_samples(args, problems: list[dict]) -> tuple[list[tuple[int, dict]]
     return samples, {"label": label, "source": source}, seconds
 
 
-def score(problems: list[dict], indices: list[int], results: list[execution.Result], ks: list[int]):
-    """(per-problem rows {problem_index, task_id?, n, c, "pass@k": {k: ...}}, {k: mean pass@k})
-    of the samples of problems `indices` that ended as `results`."""
-    counts, passed = [0] * len(problems), [0] * len(problems)
-    for index, result in zip(indices, results):
-        counts[index] += 1
-        passed[index] += result.status == "passed"
-    rows = [{"problem_index": i, **_task_id(p), "n": counts[i], "c": passed[i],
-             "pass@k": {str(k): metrics.pass_at_k(counts[i], passed[i], k) for k in ks}}
-            for i, p in enumerate(problems)]
-    return rows, {str(k): metrics.mean_pass_at_k(zip(counts, passed), k) for k in ks}
-
-
 def _task_id(problem: dict) -> dict:
     return {"task_id": problem["task_id"]} if "task_id" in problem else {}
 
@@ -198,12 +186,9 @@ def main(argv=None) -> int:
               "but they can write wherever this user can", file=sys.stderr)
 
     start = time.perf_counter()
-    sources = [execution.build_program(problems[i]["prompt"], s["completion"], problems[i]["tests"],
-                                       problems[i].get("entry_point")) for i, s in samples]
-    results = execution.run_programs(sources, sandbox, workers=args.workers)
+    results, rows, means = evaluation.score_programs(problems, [(i, s["completion"]) for i, s in samples], ks,
+                                                     sandbox, workers=args.workers)
     exec_seconds = time.perf_counter() - start
-
-    rows, means = score(problems, [i for i, _ in samples], results, ks)
     summary = {
         "pass@k": means,
         "problems": len(problems), "samples": len(samples),

@@ -169,3 +169,15 @@ def test_workers_checked():
         workers.core_sets(len(workers.usable_cores()) + 1)
     with pytest.raises(SystemExit):
         main(["--ablations", "--workers", "0"])
+
+
+def test_held_in_split_covers_every_row_and_expression(out):
+    from train.kv_arithmetic import analyze
+
+    keys, split = analyze.held_in_split(os.path.join(out, "ablations"))
+    assert keys == 8  # 20% of the tiny preset's 40 keys
+    assert set(split) == set(study.ABLATIONS)
+    table = _load(os.path.join(out, "ablations", "ablations.json"))
+    for row, counts in split.items():
+        assert set(counts) <= {0, 1, 2} and sum(t for _, t in counts.values()) == 16
+        assert sum(r for r, _ in counts.values()) / 16 == pytest.approx(table[row]["kv_arithmetic"])

@@ -189,3 +189,16 @@ def test_seeds_runs_table1_per_data_seed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--seeds", "0,0", "--out", out])
     assert "distinct" in capsys.readouterr().err
+
+
+def test_copy_rate_agrees_with_the_table(run_dir):
+    from train.kv_arithmetic import analyze
+
+    out, table = run_dir
+    rates = analyze.copy_rate(out)
+    for name in ("kv_arithmetic", "kv_arithmetic_heldout"):
+        assert rates[name]["n"] == 16
+        assert rates[name]["exact_match"] == pytest.approx(table["calm"][name])
+        assert 0.0 <= rates[name]["copied"] <= 1.0
+        # A correct answer is a correct copy followed by a correct result.
+        assert rates[name]["copied"] * rates[name]["right_given_copy"] == pytest.approx(rates[name]["exact_match"])
