@@ -85,7 +85,8 @@ def test_paper_preset_scale():
     (dict(min_terms=3, max_terms=2), "terms"),
     (dict(n_kv=50, max_value=60), "max_value"),
     (dict(max_value=0), "max_value"),
-    (dict(noise_copies=0), "noise_copies"),
+    (dict(max_noise_len=0), "max_noise_len"),
+    (dict(dc_substitution=0.6, dc_numeric=0.5), "dc_substitution and dc_numeric"),
 ])
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -137,14 +138,9 @@ def test_fixed_width_and_scratchpad():
     assert kv.record(((b, a), ("+",)), "numeric_arithmetic")["target"] == "+029"
     # Every numeric target has the same length: sign + digits of the largest |result| (99 + 99).
     assert {len(kv.record(e, "numeric_arithmetic")["target"]) for e in kv.eval_all} == {4}
-    # Reversed results: sign first, then the digits least significant first.
-    rev = kv_task.make_kv_data(cfg.replace(reverse_result=True))
-    assert rev.record(expr, "numeric_arithmetic")["target"] == "-510"
-    assert rev.record(expr, "kv_arithmetic")["target"] == "[NUM]07-22=-510"
-    assert rev.record(((b, a), ("+",)), "numeric_arithmetic")["target"] == "+920"
-    free = kv_task.make_kv_data(cfg.replace(fixed_width=False, reverse_result=True))
-    assert free.record(expr, "numeric_arithmetic")["target"] == "-51"
-    assert free.record(((b, a), ("+",)), "numeric_arithmetic")["target"] == "92"
+    free = kv_task.make_kv_data(cfg.replace(fixed_width=False))
+    assert free.record(expr, "numeric_arithmetic")["target"] == "-15"
+    assert free.record(((b, a), ("+",)), "numeric_arithmetic")["target"] == "29"
 
 
 def test_context_noise_prefixes_prompts_only():
@@ -187,18 +183,6 @@ def test_shared_values():
     assert (a.keys, a.values, a.held_in, a.eval_all, a.eval_heldout) == (b.keys, b.values, b.held_in, b.eval_all,
                                                                          b.eval_heldout)
     assert a.train_expressions(500) == b.train_expressions(500)
-
-
-def test_noise_copies_repeat_each_example_with_its_own_prefixes():
-    cfg = kv_task.KVTaskConfig(n_kv=99, fixed_width=True, context_noise=1.0, noise_copies=3, n_eval=20)
-    kv = kv_task.make_kv_data(cfg)
-    records = kv.records(kv.train_expressions(200), "numeric_arithmetic")
-    noisy = kv_task.with_context_noise(records, cfg, seed=2)
-    assert len(noisy) == 3 * len(records)
-    for i, r in enumerate(records):
-        copies = noisy[3 * i:3 * i + 3]
-        assert all(c["target"] == r["target"] and c["prompt"].endswith(r["prompt"]) for c in copies)
-    assert len({c["prompt"] for c in noisy}) > 2.9 * len(records)  # the prefixes differ between copies
 
 
 def test_random_markers_change_only_the_marker():

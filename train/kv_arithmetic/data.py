@@ -48,9 +48,6 @@ class KVTaskConfig:
     # Numbers zero-padded to a fixed width, results with a sign ("07-22" -> "-015"), so that
     # every digit has a fixed place: small models learn the arithmetic far faster.
     fixed_width: bool = False
-    # Result digits written least significant first after the sign ("+029" -> "+920"): each
-    # digit then depends on the operands' digits in that place and the carry, already written.
-    reverse_result: bool = False
     # KV-Arithmetic targets show the substitution first ("ab+cd=" -> "[NUM]10+22=32"): the
     # anchor reads m_A's substitution as it is generated (iterative decoding) and then
     # computes. A written-out numeric expression then starts with the [NUM] marker, in
@@ -61,9 +58,6 @@ class KVTaskConfig:
     # digits there are random, so no key is ever paired with its value. See `with_context_noise`.
     context_noise: float = 0.0
     max_noise_len: int = 16
-    # m_B's training list holds each example this many times, each copy with its own prefix
-    # draw: more prefixes per problem without more problems.
-    noise_copies: int = 1
     # Fraction of m_A's KV-Substitution examples whose [SUB] marker is replaced by a task
     # marker drawn uniformly: m_A reads the keys of a [KVA] prompt (the composition's input)
     # as it reads a [SUB] one. It is still only taught substitution. See `with_random_markers`.
@@ -88,9 +82,9 @@ class KVTaskConfig:
                              f"{self.dc_substitution}, {self.dc_numeric}")
         if not 0.0 <= self.random_marker <= 1.0:
             raise ValueError(f"random_marker must be in [0, 1], found {self.random_marker}")
-        if not 0.0 <= self.context_noise <= 1.0 or self.max_noise_len < 1 or self.noise_copies < 1:
-            raise ValueError(f"context_noise must be in [0, 1], max_noise_len and noise_copies >= 1, found "
-                             f"{self.context_noise}, {self.max_noise_len}, {self.noise_copies}")
+        if not 0.0 <= self.context_noise <= 1.0 or self.max_noise_len < 1:
+            raise ValueError(f"context_noise must be in [0, 1] and max_noise_len >= 1, found "
+                             f"{self.context_noise}, {self.max_noise_len}")
         if self.max_value is not None and not 1 <= self.max_value <= self.n_kv:
             raise ValueError(f"max_value must be in [1, n_kv={self.n_kv}], found {self.max_value}")
         possible = sum(26 ** n for n in range(self.min_key_len, self.max_key_len + 1))
@@ -152,7 +146,7 @@ class KVData:
         r, cfg = self.result(expr), self.config
         sign = "-" if r < 0 else ("+" if cfg.fixed_width else "")
         digits = str(abs(r)).zfill(cfg.result_width)  # result_width is 0 without a fixed width
-        return sign + (digits[::-1] if cfg.reverse_result else digits)
+        return sign + digits
 
     def record(self, expr: Expr, task: str) -> dict:
         """{"prompt", "target"} for one expression in one task (see the module docstring)."""
@@ -199,8 +193,7 @@ NOISE_CHARS = (*CHARS, *MARKERS.values())
 
 
 def with_context_noise(records: Sequence[dict], cfg: KVTaskConfig, seed: int) -> list[dict]:
-    """`records`, `cfg.noise_copies` times, with a random prefix before the prompt of a
-    `cfg.context_noise` fraction of them.
+    """`records` with a random prefix before the prompt of a `cfg.context_noise` fraction of them.
 
     A prefix is 1..`cfg.max_noise_len` tokens drawn uniformly and independently from
     NOISE_CHARS (letters, digits, operators, task markers): a letter string next to digits
@@ -209,7 +202,7 @@ def with_context_noise(records: Sequence[dict], cfg: KVTaskConfig, seed: int) ->
     """
     rng = np.random.default_rng([cfg.seed, seed])
     out = []
-    for r in (r for r in records for _ in range(cfg.noise_copies)):
+    for r in records:
         prefix = ""
         if rng.random() < cfg.context_noise:
             n = int(rng.integers(1, cfg.max_noise_len + 1))
