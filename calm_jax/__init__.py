@@ -9,8 +9,8 @@ key-value experiment in train/kv_arithmetic/ is one).
 """
 
 from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, CompositionError, CompositionOptions,
-                                  check_vocabularies, composed_forward, default_connections, describe,
-                                  init_composed_cache, init_theta, param_count)
+                                  check_tokenizer_fits, check_vocabularies, composed_forward, default_connections,
+                                  describe, init_composed_cache, init_theta, param_count)
 from calm_jax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
 from calm_jax.cross_attention import CrossAttention
 from calm_jax.decoding import GenerationError, Sampling, generate
@@ -22,8 +22,8 @@ from calm_jax.scoring import loglik
 __all__ = [
     "CheckpointError", "ComposedCache", "ComposedLM", "CompositionConfig", "CompositionError", "CompositionOptions",
     "ConfigError", "CrossAttention", "GenerationError", "KVCache", "LMOutput", "ModelConfig", "PlainLM", "Pretrained",
-    "Sampling", "check_vocabularies", "composed_forward", "default_connections", "describe", "final_norm", "forward",
-    "from_hf_config", "generate", "init_cache", "init_composed_cache", "init_params", "init_theta",
-    "load_pretrained", "load_tokenizer", "loglik", "param_count", "param_shapes", "save_pretrained",
+    "Sampling", "check_tokenizer_fits", "check_vocabularies", "composed_forward", "default_connections", "describe",
+    "final_norm", "forward", "from_hf_config", "generate", "init_cache", "init_composed_cache", "init_params",
+    "init_theta", "load_pretrained", "load_tokenizer", "loglik", "param_count", "param_shapes", "save_pretrained",
     "to_hf_config",
 ]

@@ -9,7 +9,17 @@ decoding), or keeps the augmenting states of the prompt (encoder mode).
 Prompts are left-padded to a bucketed length, so every row's last prompt token sits in the
 same slot and one prefill pass serves the batch; one `jax.lax.while_loop` then feeds one
 token per step. The compiled function depends only on (model, batch, prompt bucket,
-max_new_tokens, sampling): prompt lengths within a bucket reuse it.
+max_new_tokens, sampling, num_tokens): prompt lengths within a bucket reuse it.
+
+Only real ids are ever generated. The logits are the model's (a composition's: the
+anchor's), vocab_size wide, but an embedding table is often padded beyond its tokenizer
+(Qwen2.5: 151,936 or 152,064 rows for 151,665 ids), and a composition's models may pad
+theirs differently. `decode` masks (-inf, before the argmax or the sampling filters) the
+logits of ids >= `num_tokens`: by default the ids every model's table has (`model.num_tokens`
+where the model defines it, a composition's smallest vocab_size; else `model.vocab_size`,
+so nothing is masked); `generate` lowers it to the tokenizer's ids when given one. When
+nothing is masked no mask op is traced: a model whose vocab_size is its tokenizer's decodes
+exactly as before.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import numpy as np
 from flax import struct
 
 from calm_jax import data as data_lib
+from calm_jax.composition.vocab import num_token_ids
 
 MIN_BUCKET = 8
 
@@ -84,8 +95,30 @@ class _State:
     rng: jax.Array
 
 
-def select_token(logits_BxV, sampling: Sampling, rng) -> jax.Array:
-    """The next token per row (int32), greedy or sampled with temperature/top-k/top-p."""
+def model_num_tokens(model) -> int:
+    """The ids `model` may be fed and may generate: `model.num_tokens` where it defines one (a
+    composition: the smallest vocab_size of its models), else `model.vocab_size`."""
+    return int(getattr(model, "num_tokens", model.vocab_size))
+
+
+def mask_padded(logits_BxV, num_tokens: int | None) -> jax.Array:
+    """`logits_BxV` with the ids >= num_tokens (a padded embedding table's rows beyond the
+    tokenizer) at -inf, so argmax and sampling never choose them. None, or num_tokens >= the
+    width: `logits_BxV` itself, untouched (no op is traced)."""
+    width = logits_BxV.shape[-1]
+    if num_tokens is None or num_tokens >= width:
+        return logits_BxV
+    ids_BxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxV.shape, logits_BxV.ndim - 1)
+    return jnp.where(ids_BxV < num_tokens, logits_BxV, jnp.asarray(-jnp.inf, logits_BxV.dtype))
+
+
+def select_token(logits_BxV, sampling: Sampling, rng, num_tokens: int | None = None) -> jax.Array:
+    """The next token per row (int32), greedy or sampled with temperature/top-k/top-p.
+
+    num_tokens: only ids < num_tokens can be chosen (`mask_padded`, applied first: top-k and
+    top-p then filter the real ids); None = every id of the logits.
+    """
+    logits_BxV = mask_padded(logits_BxV, num_tokens)
     if sampling.greedy:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
@@ -111,9 +144,9 @@ def _record(state: _State, token_B, stop_ids_S) -> _State:
                          done_B=state.done_B | is_stop_B, stopped_B=state.stopped_B | (running_B & is_stop_B))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "use_cache"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "use_cache", "num_tokens"))
 def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_tokens: int,
-           sampling: Sampling = Sampling(), use_cache: bool = True) -> DecodeOutput:
+           sampling: Sampling = Sampling(), use_cache: bool = True, num_tokens: int | None = None) -> DecodeOutput:
     """Generates up to `max_new_tokens` per row, all inside one compiled function.
 
     model: a static argument, so hashable: models that compare equal (PlainLM, ComposedLM,
@@ -124,7 +157,15 @@ def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_toke
     use_cache=False re-runs the full forward over a fixed (P + max_new_tokens) buffer every
       step: the no-cache baseline for benchmarks, equal to cached decoding for a plain LM
       or an iterative composition.
+    num_tokens: a static int; only ids < num_tokens are generated (the logits of the rest are
+      masked to -inf: a padded embedding table's rows beyond the tokenizer). None: the ids every
+      model's table has (`model_num_tokens`: a plain model's vocab_size, so nothing is masked);
+      never more than those. `generate` passes the tokenizer's ids.
     """
+    limit = model_num_tokens(model) if num_tokens is None else min(int(num_tokens), model_num_tokens(model))
+    if limit < 1:
+        raise GenerationError(f"num_tokens must be >= 1, got {num_tokens}")
+    select = functools.partial(select_token, sampling=sampling, num_tokens=limit)
     b, p = tokens_BxP.shape
     n = max_new_tokens
     mask_BxP = mask_BxP.astype(bool)
@@ -141,7 +182,7 @@ def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_toke
     state = _State(step=jnp.zeros((), jnp.int32), tokens_BxN=jnp.full((b, n), -1, jnp.int32),
                    num_B=jnp.zeros((b,), jnp.int32), done_B=jnp.zeros((b,), bool),
                    stopped_B=jnp.zeros((b,), bool), context=context, rng=rng)
-    state = _record(state, select_token(logits_BxV, sampling, key), stop_ids_S)
+    state = _record(state, select(logits_BxV, rng=key), stop_ids_S)
 
     def cond(s: _State):
         return (s.step < n) & ~jnp.all(s.done_B)
@@ -162,7 +203,7 @@ def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_toke
             context = (buf_BxL, bmask_BxL)
             logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, slot, axis=1, keepdims=False)
         rng, key = jax.random.split(s.rng)
-        return _record(s.replace(context=context, rng=rng), select_token(logits_BxV, sampling, key), stop_ids_S)
+        return _record(s.replace(context=context, rng=rng), select(logits_BxV, rng=key), stop_ids_S)
 
     state = jax.lax.while_loop(cond, body, state)
     return DecodeOutput(tokens_BxN=state.tokens_BxN, num_B=state.num_B, stopped_B=state.stopped_B)
@@ -218,9 +259,11 @@ def as_generated(tokenizer, text: str) -> str:
     return text
 
 
-def prompt_token_ids(prompts, tokenizer, max_new_tokens: int, max_positions: int, names=None) -> list[list[int]]:
+def prompt_token_ids(prompts, tokenizer, max_new_tokens: int, max_positions: int, names=None,
+                     num_tokens: int | None = None) -> list[list[int]]:
     """The token ids `generate` decodes from, checked to fit: GenerationError names the prompt
-    (`names[i]`, default "prompt i") that is empty or leaves no room for max_new_tokens."""
+    (`names[i]`, default "prompt i") that is empty, leaves no room for max_new_tokens or (with
+    `num_tokens`) holds an id outside 0..num_tokens-1 (one some model's embedding table lacks)."""
     out = []
     for i, prompt in enumerate(prompts):
         name = names[i] if names is not None else f"prompt {i}"
@@ -234,6 +277,9 @@ def prompt_token_ids(prompts, tokenizer, max_new_tokens: int, max_positions: int
             ids = [int(t) for t in prompt]
         if not ids:
             raise GenerationError(f"{name} is empty (no tokens)")
+        if num_tokens is not None and not 0 <= min(ids) <= max(ids) < num_tokens:
+            bad = next(t for t in ids if not 0 <= t < num_tokens)
+            raise GenerationError(f"{name} has token id {bad}, out of range for a vocabulary of {num_tokens}")
         if len(ids) + max_new_tokens > max_positions:
             raise GenerationError(
                 f"{name} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that needs "
@@ -254,13 +300,20 @@ def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_t
       last batch is filled with copies so the compiled shape never changes.
     Sampling is reproducible for a given seed, batch size and prompt order.
     names: what errors call each prompt (e.g. "FILE: line N"; default "prompt I", 0-based).
+    Only ids < num_tokens are generated, num_tokens = the tokenizer's ids (`num_token_ids`) when
+    one is given, at most the ids every model's table has (`model_num_tokens`): the padded
+    rows of the (anchor's) logits are masked (`decode`). Prompt ids and stop ids must be below
+    it too.
     """
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts:
         raise GenerationError("no prompts given")
-    ids = prompt_token_ids(prompts, tokenizer, max_new_tokens, model.max_positions, names)
-    stop_ids = resolve_stop_ids(stop, model.vocab_size, tokenizer, stop_at_eos)
+    num_tokens = model_num_tokens(model)
+    if tokenizer is not None:
+        num_tokens = min(num_tokens, num_token_ids(tokenizer))
+    ids = prompt_token_ids(prompts, tokenizer, max_new_tokens, model.max_positions, names, num_tokens)
+    stop_ids = resolve_stop_ids(stop, num_tokens, tokenizer, stop_at_eos)
     # Padded with -1 (never generated) to a multiple of 8, so the stop list rarely changes the compiled shape.
     width = max(8, -(-len(stop_ids) // 8) * 8)
     stop_ids_S = jnp.asarray(stop_ids + [-1] * (width - len(stop_ids)), jnp.int32)
@@ -273,7 +326,9 @@ def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_t
         length = data_lib.bucket_length(max(map(len, rows)), MIN_BUCKET)
         tokens_BxP, mask_BxP = data_lib.pad_batch(rows, length, left=True)
         out = jax.device_get(decode(model, params, tokens_BxP, mask_BxP, stop_ids_S,
-                                    jax.random.fold_in(rng, start), max_new_tokens=max_new_tokens, sampling=sampling))
+                                    jax.random.fold_in(rng, start), max_new_tokens=max_new_tokens, sampling=sampling,
+                                    # None when nothing is masked: one compiled function with or without a tokenizer
+                                    num_tokens=num_tokens if num_tokens < model.vocab_size else None))
         for r in range(len(chunk)):
             toks = [int(t) for t in out.tokens_BxN[r, :int(out.num_B[r])]]
             stopped = bool(out.stopped_B[r])

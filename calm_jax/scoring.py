@@ -4,6 +4,14 @@ Records are tokenized by `data.encode`, sorted by length, right-padded to a few 
 lengths (powers of two) and a fixed batch size, so one jitted function serves every batch
 of a bucket. Padding never changes a score: the mask hides padding from every real token,
 and only target tokens are summed.
+
+Probabilities are normalised over the tokenizer's ids only (`num_token_ids`: max id + 1):
+an embedding table padded beyond its tokenizer (Qwen2.5: 151,936 or 152,064 rows for
+151,665 ids; a composition's anchor, whose logits these are) has logits for ids no text can
+hold, and they are left out of the softmax, as `calm_jax.decoding` never generates them. A
+model whose vocab_size is its tokenizer's is scored exactly as before (no op is added); a
+plain model with a padded table scores a little higher than a full-width softmax (e.g. HF's
+logits through log_softmax) would give.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import data
+from calm_jax.composition.vocab import num_token_ids
 from calm_jax.model import accum_dtype
 
 MIN_BUCKET = 16
@@ -27,23 +36,29 @@ def bucket_length(n: int, max_positions: int) -> int:
     return data.bucket_length(n, MIN_BUCKET, max_positions)
 
 
-@jax.jit
-def _target_logprobs(logits_BxTxV, tokens_BxT, flags_BxT):
-    """Per row: the summed log-probability of flagged tokens, each predicted from the slot before."""
+@functools.partial(jax.jit, static_argnums=3)
+def _target_logprobs(logits_BxTxV, tokens_BxT, flags_BxT, num_tokens: int | None = None):
+    """Per row: the summed log-probability of flagged tokens, each predicted from the slot before,
+    normalised over ids < num_tokens (the logits of the rest dropped; None or >= the width: all)."""
+    if num_tokens is not None and num_tokens < logits_BxTxV.shape[-1]:
+        logits_BxTxV = logits_BxTxV[..., :num_tokens]
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(accum_dtype(logits_BxTxV.dtype)), axis=-1)
     logp_BxT = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
     return jnp.where(flags_BxT[:, 1:], logp_BxT, 0.0).sum(-1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score(lm, params, tokens_BxT, mask_BxT, flags_BxT):
-    """Per row: the summed log-probability of the flagged tokens under `lm`. `lm` is a static
-    argument: equal models share the compiled function, once per (batch, bucket) shape."""
-    return _target_logprobs(lm.apply(params, tokens_BxT, mask_BxT).logits_BxTxV, tokens_BxT, flags_BxT)
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _score(lm, params, tokens_BxT, mask_BxT, flags_BxT, num_tokens: int | None = None):
+    """Per row: the summed log-probability of the flagged tokens under `lm`, over ids < num_tokens.
+    `lm` and num_tokens are static arguments: equal models share the compiled function, once
+    per (batch, bucket) shape."""
+    return _target_logprobs(lm.apply(params, tokens_BxT, mask_BxT).logits_BxTxV, tokens_BxT, flags_BxT, num_tokens)
 
 
-def encode_records(tokenizer, records: Sequence[dict], max_positions: int) -> list[tuple[list[int], list[bool]]]:
-    """Token ids and target flags per record, checked to be scorable."""
+def encode_records(tokenizer, records: Sequence[dict], max_positions: int,
+                   num_tokens: int | None = None) -> list[tuple[list[int], list[bool]]]:
+    """Token ids and target flags per record, checked to be scorable (and, with num_tokens, every
+    id below it: a tokenizer id the model's embedding table lacks is a DataError)."""
     encoded = []
     for n, record in enumerate(records):
         ids, flags = data.encode(tokenizer, record)
@@ -55,6 +70,9 @@ def encode_records(tokenizer, records: Sequence[dict], max_positions: int) -> li
         if len(ids) > max_positions:
             raise data.DataError(f"{data.where(record, n)} has {len(ids)} tokens, more than the model's "
                                  f"{max_positions} positions")
+        if num_tokens is not None and ids and max(ids) >= num_tokens:
+            raise data.DataError(f"{data.where(record, n)} has token id {max(ids)}, out of the model's "
+                                 f"vocabulary of {num_tokens}")
         encoded.append((ids, flags))
     return encoded
 
@@ -65,11 +83,17 @@ def loglik(lm, params, tokenizer, records: Sequence[dict], batch_size: int = 8) 
     lm: any hashable object with `apply(params, tokens_BxT, mask_BxT) -> LMOutput` and
       `max_positions` (a `PlainLM` or a composed model); a static jit argument.
     Returns, in record order, (summed log-probability of the target tokens, number of target
-    tokens) per record.
+    tokens) per record. Each log-probability is normalised over the tokenizer's ids only
+    (`num_token_ids(tokenizer)`): the logits of a padded table's rows beyond them are left out
+    of the softmax (see the module docstring). Record ids must have a row in every model's
+    table (`lm.num_tokens` or `lm.vocab_size`, where `lm` has one).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = encode_records(tokenizer, records, lm.max_positions)
+    num_tokens = num_token_ids(tokenizer)
+    model_tokens = getattr(lm, "num_tokens", getattr(lm, "vocab_size", None))
+    encoded = encode_records(tokenizer, records, lm.max_positions,
+                             model_tokens if model_tokens is not None and model_tokens < num_tokens else None)
     order = sorted(range(len(encoded)), key=lambda r: len(encoded[r][0]))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -81,7 +105,7 @@ def loglik(lm, params, tokenizer, records: Sequence[dict], batch_size: int = 8) 
         flags += [[]] * (batch_size - len(rows))
         length = bucket_length(max(len(s) for s in seqs), lm.max_positions)
         tokens_BxT, mask_BxT, flags_BxT = data.pad_batch(seqs, length, flags=flags)
-        sums_B = np.asarray(_score(lm, params, tokens_BxT, mask_BxT, flags_BxT))
+        sums_B = np.asarray(_score(lm, params, tokens_BxT, mask_BxT, flags_BxT, num_tokens))
         for i, r in enumerate(rows):
             results[r] = (float(sums_B[i]), int(sum(encoded[r][1])))
     return results

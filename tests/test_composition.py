@@ -145,8 +145,9 @@ def test_bad_models_raise():
     assert issubclass(CompositionError, ValueError)
     with pytest.raises(CompositionError, match="at least one augmenting model"):
         CompositionConfig(ANCHOR, ())
-    with pytest.raises(CompositionError, match=r"augmenting model 1 has vocab_size 65, the anchor 64"):
-        CompositionConfig(ANCHOR, (AUG_LLAMA, AUG_GPT2.replace(vocab_size=65)))
+    # Tables padded differently compose (the tokenizer's fit is checked where it is known:
+    # check_tokenizer_fits, tests/test_vocab_padding.py).
+    assert CompositionConfig(ANCHOR, (AUG_LLAMA, AUG_GPT2.replace(vocab_size=65))).augments[1].vocab_size == 65
     with pytest.raises(CompositionError, match="augmenting model 0 must be a ModelConfig, found dict"):
         CompositionConfig(ANCHOR, ({},))
     with pytest.raises(CompositionError, match=r"params\['augments'\] holds 1 parameter trees for 2"):

@@ -195,7 +195,9 @@ def test_loglik_scores_a_composition(dirs, tmp_path, capsys):
             ids, flags_T = encode(loaded.tokenizer, record)
             logits = loaded.model.apply(loaded.params, np.asarray([ids])).logits_BxTxV[0]
             assert logits.dtype == np.float64
-            logp = jax.nn.log_softmax(logits[:-1], axis=-1)[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+            # Normalised over the tokenizer's 46 ids, as calm_jax.scoring does (the tables have 48 rows).
+            logp = jax.nn.log_softmax(logits[:-1, :len(loaded.tokenizer)], axis=-1)[np.arange(len(ids) - 1),
+                                                                                    np.asarray(ids[1:])]
             numerics.assert_identity(np.float64(score), np.sum(np.asarray(logp)[np.asarray(flags_T[1:])]))
     with pytest.raises(SystemExit):
         loglik.main([*flags, "--encoder-mode", "--data", str(data)])

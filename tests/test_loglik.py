@@ -31,10 +31,11 @@ def setup(tmp_path_factory):
 
 
 def hf_loglik(hf, tokenizer, record):
-    """Unpadded HF forward of one record; sum of log p(token j | tokens < j) over target tokens."""
+    """Unpadded HF forward of one record; sum of log p(token j | tokens < j) over target tokens,
+    normalised over the tokenizer's 82 ids as calm_jax.scoring does (the model's 96 rows are padded)."""
     ids, flags = data.encode(tokenizer, record)
     with torch.no_grad():
-        logits = hf(input_ids=torch.tensor([ids])).logits[0].double()
+        logits = hf(input_ids=torch.tensor([ids])).logits[0, :, :len(tokenizer)].double()
     logp = torch.log_softmax(logits, -1).numpy()
     picked = [logp[j - 1, ids[j]] for j in range(1, len(ids)) if flags[j]]
     return float(np.sum(picked)), len(picked)

@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", action="store_true", help="as train.compose")
     p.add_argument("--cross-rope", action="store_true", help="as train.compose")
     p.add_argument("--match-vocab", action="store_true",
-                   help="plan as if each augmenting model's vocab_size were the anchor's (same tokenizer, "
-                        "embedding tables padded differently, e.g. Qwen2.5-7B 152064 vs Qwen2.5-1.5B 151936)")
+                   help="no longer needed: models whose embedding tables are padded differently (same "
+                        "tokenizer, e.g. Qwen2.5-7B 152064 vs Qwen2.5-1.5B 151936 rows) now compose and plan "
+                        "as they are. Kept so earlier plans re-run unchanged (benchmarks/plan_pairs.py): plans "
+                        "as if each augmenting model's vocab_size were the anchor's")
     p.add_argument("--name", help="name of the pair in the JSON record (default: the directories' names)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     return p

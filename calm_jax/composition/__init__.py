@@ -2,8 +2,9 @@
 
 For every connection (augmenting layer i -> anchor layer j) the composed model adds
 f_cross(f_proj(H_A,i), H_B,j) (calm_jax.cross_attention) to the anchor's residual stream
-after layer j; the logits come from the anchor. Only Θ_C (the connections' parameters)
-is trainable; both kinds of frozen models are inputs under `jax.lax.stop_gradient`.
+after layer j; the logits come from the anchor (all its vocab_size rows: the models may pad
+their embedding tables differently, see `check_tokenizer_fits`). Only Θ_C (the connections'
+parameters) is trainable; both kinds of frozen models are inputs under `jax.lax.stop_gradient`.
 
 The cross-attention is causal by slot and ignores padding, with the same mask helper as
 self-attention: anchor slot t sees augmenting slots s <= t that hold real tokens.
@@ -26,7 +27,8 @@ Decoding (`ComposedLM` with a `ComposedCache`) has two modes:
 Modules, by concern:
   config   CompositionError, CompositionOptions, CompositionConfig (and its checks),
            default_connections
-  vocab    check_vocabularies (the shared-tokenizer check)
+  vocab    check_vocabularies (the shared-tokenizer check), check_tokenizer_fits (its every id
+           in every model's embedding table, whatever padding each has), num_token_ids
   theta    init_theta, param_count, describe
   forward  ComposedCache, init_composed_cache, composed_forward, ComposedLM
 The losses that train Θ_C are in calm_jax.losses.
@@ -36,10 +38,10 @@ from calm_jax.composition.config import (CompositionConfig, CompositionError, Co
                                          default_connections)
 from calm_jax.composition.forward import ComposedCache, ComposedLM, composed_forward, init_composed_cache
 from calm_jax.composition.theta import describe, init_theta, param_count
-from calm_jax.composition.vocab import check_vocabularies
+from calm_jax.composition.vocab import check_tokenizer_fits, check_vocabularies, num_token_ids
 
 __all__ = [
     "ComposedCache", "ComposedLM", "CompositionConfig", "CompositionError", "CompositionOptions", "Pair",
-    "check_vocabularies", "composed_forward", "default_connections", "describe", "init_composed_cache",
-    "init_theta", "param_count",
+    "check_tokenizer_fits", "check_vocabularies", "composed_forward", "default_connections", "describe",
+    "init_composed_cache", "init_theta", "num_token_ids", "param_count",
 ]

@@ -119,6 +119,10 @@ class CompositionConfig:
     num_heads: cross-attention heads (default: the anchor's); head size = D_B / num_heads.
     options: the options beyond the paper (`CompositionOptions`; default: all off).
     dtype: compute and storage dtype of Θ_C and of the cross-attention cache.
+    The models' vocab_size may differ: models that share one tokenizer often pad their
+    embedding tables differently (Qwen2.5-7B: 152,064 rows, Qwen2.5-Coder-1.5B: 151,936). What
+    CALM needs, one tokenizer whose every id each table has, is checked where the tokenizer is
+    known (`calm_jax.composition.check_vocabularies` and `check_tokenizer_fits`).
     """
 
     anchor: ModelConfig
@@ -139,9 +143,6 @@ class CompositionConfig:
         for k, aug in enumerate(augments):
             if not isinstance(aug, ModelConfig):
                 raise CompositionError(f"augmenting model {k} must be a ModelConfig, found {type(aug).__name__}")
-            if aug.vocab_size != self.anchor.vocab_size:
-                raise CompositionError(f"augmenting model {k} has vocab_size {aug.vocab_size}, the anchor "
-                                       f"{self.anchor.vocab_size}: CALM needs one shared vocabulary")
         conns = self.connections if self.connections is not None else (None,) * len(augments)
         if isinstance(conns, Mapping):
             unknown = sorted(set(conns) - set(range(len(augments))), key=str)

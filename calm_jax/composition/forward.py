@@ -160,7 +160,10 @@ class ComposedLM:
     - `apply(params, tokens_BxT, mask_BxT=None, cache=None) -> LMOutput`, with
       params = {"theta": Θ_C, "anchor": ..., "augments": (...)}
     - `init_cache(batch, length) -> ComposedCache`
-    - `vocab_size`, `max_positions` (the smallest of all the models': all see the same positions)
+    - `vocab_size` (the anchor's: the logits' width), `max_positions` (the smallest of all the
+      models': all see the same positions)
+    - `num_tokens`: the ids every model's embedding table has (the smallest vocab_size), which
+      `calm_jax.decoding` never generates beyond even without a tokenizer (with one: its ids)
     encoder_mode: decode with the augmenting models seeing only the prefill (package docstring).
     A frozen dataclass: hashable, equal when ccfg and encoder_mode are, so it is a static jit
     argument and equal models share compiled code.
@@ -179,6 +182,10 @@ class ComposedLM:
     @property
     def max_positions(self) -> int:
         return min(c.max_positions for c in (self.ccfg.anchor, *self.ccfg.augments))
+
+    @property
+    def num_tokens(self) -> int:
+        return min(c.vocab_size for c in (self.ccfg.anchor, *self.ccfg.augments))
 
     def apply(self, params, tokens_BxT, mask_BxT=None, cache=None, *, augment_mask_BxT=None) -> LMOutput:
         return composed_forward(self.ccfg, params, tokens_BxT, mask_BxT, cache, self.encoder_mode, augment_mask_BxT)
