@@ -8,9 +8,12 @@ function of (seed, position) (`batch_at`), so resuming needs only the saved posi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -81,6 +84,28 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str):
+    """Yields a fresh temporary directory beside `path` to write into; when the block ends
+    without an error it is renamed to `path` (an existing `path` replaced whole), on an error
+    it is removed: a directory is written whole or not at all."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".writing-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+            os.rename(path, os.path.join(old, "old"))
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:

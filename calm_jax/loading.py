@@ -2,8 +2,11 @@
 
 The mapping is data: per family, a table of (HF name template, our path template(s),
 transform). `{i}` stands for the layer index. Loading checks every tensor against the
-table and the expected shapes before anything is placed on a device, so a bad checkpoint
-fails whole, naming the tensor, never leaving a partial model.
+table and the expected shapes before anything is placed on a device (from the safetensors
+headers alone), so a bad checkpoint fails whole, naming the tensor, never leaving a partial
+model. Then it streams: one tensor at a time is read, converted and placed on its devices
+(its target sharding, if given) and dropped, so host memory holds at most a tensor or two
+beyond what the placed weights themselves take (benchmarks/bench_load.py).
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
@@ -26,6 +27,7 @@ from safetensors.numpy import save_file
 
 from calm_jax import config as config_lib
 from calm_jax import model as model_lib
+from calm_jax.data import atomic_directory
 
 
 class CheckpointError(ValueError):
@@ -199,32 +201,62 @@ def _weight_files(path: str) -> list[str]:
     raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
 
-def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
-    tensors = {}
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """Where one tensor of a checkpoint is, from its file's header (no data read)."""
+
+    file: str
+    name: str  # its name in the file
+    shape: tuple
+
+
+def _index_tensors(files: list[str]) -> dict[str, _Stored]:
+    """{tensor name: _Stored} over all shards, from the headers alone. Raises CheckpointError on
+    an unreadable (truncated, corrupt) file or a tensor in two shards."""
+    stored = {}
     for file in files:
         try:
             with safe_open(file, framework="np") as f:
                 for name in f.keys():
-                    if name in tensors:
+                    if name in stored:
                         raise CheckpointError(f"tensor {name} appears in more than one shard ({file})")
-                    tensors[name] = f.get_tensor(name)
+                    stored[name] = _Stored(file, name, tuple(f.get_slice(name).get_shape()))
         except (SafetensorError, OSError, ValueError) as e:
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from e
-    return tensors
+    return stored
 
 
-def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig) -> dict:
-    """Maps HF tensors to our flat {path: array}, checking names and shapes against `cfg`.
+def _read_one(stored: _Stored) -> np.ndarray:
+    # The file is opened for this one tensor: safetensors reads through a memory map, and the
+    # pages a read touches count as this process's memory until the map is closed, so a file
+    # held open while all its tensors are read would hold the whole shard resident.
+    try:
+        with safe_open(stored.file, framework="np") as f:
+            return f.get_tensor(stored.name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read tensor {stored.name} from {stored.file}: {e}") from e
 
-    Every tensor must be used and every parameter filled; otherwise raises CheckpointError
-    naming the tensors. Returns numpy arrays (nothing placed on a device yet).
+
+def _pieces_fn(transform: Transform, widths: list[int] | None) -> Callable[[np.ndarray], list]:
+    if widths is None:
+        return transform.to_ours
+    return lambda t: np.split(transform.to_ours(t)[0], np.cumsum(widths)[:-1], axis=-1)
+
+
+def _match(shapes: Mapping[str, tuple], cfg: config_lib.ModelConfig) -> list[tuple[str, tuple, Callable]]:
+    """Which stored tensors fill which parameters, from their names and shapes alone.
+
+    Returns, per tensor to read, (its name, our paths, a function tensor -> the pieces in our
+    layout, one per path). Every tensor must be used and every parameter filled; otherwise
+    raises CheckpointError naming the tensors (see `hf_to_params`).
     """
     expected = traverse_util.flatten_dict(model_lib.param_shapes(cfg))
     rules = _compile(NAME_TABLES[cfg.family])
-    flat, unknown, problems = {}, [], []
-    for raw_name, tensor in tensors.items():
+    plan, filled, unknown, problems = [], set(), [], []
+    for raw_name, shape in shapes.items():
+        shape = tuple(shape)
         name = _canonical(raw_name, cfg.family)
         if _IGNORED.search(name):
             continue
@@ -239,7 +271,9 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig)
             continue
         layer = int(m.group(1)) if m.groups() else None
         paths = _paths(ours, layer)
-        pieces = transform.to_ours(np.asarray(tensor))
+        # The transform applied to a stand-in of the tensor's shape (no memory): the pieces' shapes.
+        pieces = transform.to_ours(np.broadcast_to(np.zeros((), np.float32), shape))
+        widths = None
         if transform.split_by_shape:
             absent = [p for p in paths if p not in expected]
             if absent:
@@ -250,29 +284,72 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig)
             whole = pieces[0]
             if any(w[:-1] != whole.shape[:-1] for w in want) or sum(w[-1] for w in want) != whole.shape[-1]:
                 problems.append(f"{raw_name}: expected shape {(sum(w[-1] for w in want),) + want[0][:-1][::-1]}, "
-                                f"found {tuple(tensor.shape)}")
+                                f"found {shape}")
                 continue
-            pieces = np.split(whole, np.cumsum([w[-1] for w in want])[:-1], axis=-1)
+            widths = [w[-1] for w in want]
+            pieces = np.split(whole, np.cumsum(widths)[:-1], axis=-1)
+        fits = True
         for path, piece in zip(paths, pieces):
             if path not in expected:
                 problems.append(f"{raw_name}: this {cfg.family} config ({cfg.num_layers} layers) "
                                 f"has no parameter {'/'.join(path)}")
+                fits = False
             elif piece.shape != expected[path].shape:
                 want = tuple(expected[path].shape)
                 problems.append(f"{raw_name}: expected shape {_hf_shape(transform, want, len(paths))}, "
-                                f"found {tuple(tensor.shape)}")
-            else:
-                flat[path] = piece
+                                f"found {shape}")
+                fits = False
+        if fits:
+            plan.append((raw_name, paths, _pieces_fn(transform, widths)))
+            filled.update(paths)
     if unknown:
         problems.append("unrecognised tensors: " + ", ".join(sorted(unknown)[:10])
                         + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""))
-    missing = sorted("/".join(p) for p in expected if p not in flat)
+    missing = sorted("/".join(p) for p in expected if p not in filled)
     if missing and not problems:
         problems.append("parameters missing from the checkpoint: " + ", ".join(missing[:10])
                         + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
     if problems:
         raise CheckpointError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig) -> dict:
+    """Maps HF tensors to our flat {path: array}, checking names and shapes against `cfg`.
+
+    Every tensor must be used and every parameter filled; otherwise raises CheckpointError
+    naming the tensors. Returns numpy arrays (nothing placed on a device yet).
+    """
+    flat = {}
+    for name, paths, pieces in _match({n: np.shape(t) for n, t in tensors.items()}, cfg):
+        flat.update(zip(paths, pieces(np.asarray(tensors[name]))))
     return flat
+
+
+def _stream(plan, stored: Mapping[str, _Stored], dtype, shardings) -> dict:
+    """The parameter tree, read and placed one stored tensor at a time (see the module doc).
+
+    shardings: None (the default device), one Sharding for all, or a tree like the params'.
+    """
+    flat_shardings = None
+    if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
+        flat_shardings = traverse_util.flatten_dict(shardings)
+        absent = sorted("/".join(p) for _, paths, _ in plan for p in paths if p not in flat_shardings)
+        if absent:
+            raise ValueError(f"shardings has no entry for {', '.join(absent[:5])}")
+    flat, in_flight = {}, []
+    for name, paths, pieces_of in plan:
+        pieces = [p.astype(dtype, copy=False) for p in pieces_of(_read_one(stored[name]))]
+        placed = [jax.device_put(p, shardings if flat_shardings is None else flat_shardings[path])
+                  for path, p in zip(paths, pieces)]
+        del pieces
+        # One tensor in flight: its host copy is freed once its transfer is done, so a slow
+        # transfer cannot pile tensors up in host memory while the next ones are read.
+        jax.block_until_ready(in_flight)
+        in_flight = placed
+        flat.update(zip(paths, placed))
+    jax.block_until_ready(in_flight)
+    return traverse_util.unflatten_dict(flat)
 
 
 def _hf_shape(transform: Transform, ours: tuple, n: int) -> tuple:
@@ -307,29 +384,28 @@ def load_pretrained(path: str, dtype: str = "float32", param_dtype: str | None =
 
     dtype: compute dtype; param_dtype: storage dtype (default: dtype).
     shardings: optional pytree of `jax.sharding.Sharding` matching the parameter tree (or a
-      function cfg -> such a tree); each weight goes straight to its devices.
+      function cfg -> such a tree, or one Sharding for all); each weight goes straight to its
+      devices, one tensor at a time (the checkpoint is never whole in host memory).
     """
     cfg, hf_config = _load_config(path, dtype, param_dtype)
-    tensors = _read_tensors(_weight_files(path))
+    stored = _index_tensors(_weight_files(path))
     if hf_config.get("model_type") in MULTIMODAL:
-        hf_config, tensors = _text_decoder(path, hf_config, tensors)
+        hf_config, stored = _text_decoder(path, hf_config, stored)
     try:
-        flat = hf_to_params(tensors, cfg)
+        plan = _match({name: s.shape for name, s in stored.items()}, cfg)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    params = traverse_util.unflatten_dict(
-        {k: v.astype(jnp.dtype(cfg.param_dtype), copy=False) for k, v in flat.items()})
     if callable(shardings):
         shardings = shardings(cfg)
-    params = jax.device_put(params, shardings) if shardings is not None else jax.device_put(params)
+    params = _stream(plan, stored, jnp.dtype(cfg.param_dtype), shardings)
     tok = load_tokenizer(path) if tokenizer else None
     return Pretrained(cfg, params, tok, hf_config)
 
 
 def _text_decoder(path: str, hf_config: dict, tensors: dict) -> tuple[dict, dict]:
     """A multimodal checkpoint's text decoder: its config.json as a text-only model (what
-    `save_pretrained` writes back) and its tensors under the decoder's names, the rest dropped
-    with a one-line notice on stderr."""
+    `save_pretrained` writes back) and its tensors (any values: arrays, or where they are
+    stored) under the decoder's names, the rest dropped with a one-line notice on stderr."""
     spec = MULTIMODAL[hf_config["model_type"]]
     text, dropped = {}, 0
     for name, tensor in tensors.items():
@@ -393,22 +469,9 @@ def save_pretrained(model: Pretrained, path: str) -> None:
     hf_config = dict(model.hf_config) or config_lib.to_hf_config(model.config)
     hf_config["dtype"] = model.config.param_dtype
     tensors = params_to_hf(model.params, model.config)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".saving-", dir=parent)
-    try:
+    with atomic_directory(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
-            os.rename(path, os.path.join(old, "model"))
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -3,7 +3,8 @@
 Model flags (`add_model_flags`), one of:
   --model DIR                          a plain LM (HF directory)
   --anchor DIR --augment DIR [...]     a composition m_A1..⊕B
-      [--composition RUN_DIR]          its trained Θ_C (without it: random Θ_C, said loudly)
+      [--composition RUN_DIR|EXPORT]   its trained Θ_C: a train.compose run directory or a
+                                       train.export directory (without it: random Θ_C, said loudly)
       [--encoder-mode]                 the paper's "m_A as encoder" ablation
 `build_model(args)` turns them into a `Loaded` (model with the PlainLM interface, params,
 tokenizer, label, source), so the same script evaluates any of the three; `describe(args)`
@@ -49,7 +50,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--anchor", metavar="DIR", help="the composition's anchor m_B (HF directory)")
     g.add_argument("--augment", metavar="DIR", action="append", default=[],
                    help="an augmenting model m_A (HF directory); repeat for several")
-    g.add_argument("--composition", metavar="RUN_DIR", help="trained composition (Θ_C) from train.compose")
+    g.add_argument("--composition", metavar="DIR",
+                   help="trained composition (Θ_C): a train.compose run directory or a train.export directory")
     g.add_argument("--encoder-mode", action="store_true",
                    help="augmenting models see only the prompt (the paper's 'm_A as encoder' ablation)")
     g.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the frozen models")
@@ -117,6 +119,10 @@ def build_model(args: argparse.Namespace) -> Loaded:
     augments = [load_pretrained(d, dtype=args.dtype) for d in args.augment]
     if anchor.tokenizer is not None and all(a.tokenizer is not None for a in augments):
         comp.check_vocabularies(anchor.tokenizer, [a.tokenizer for a in augments])
+    if anchor.tokenizer is not None:
+        # The tables may be padded differently (vocab_size may differ); the tokenizer's ids must fit them all.
+        comp.check_tokenizer_fits(anchor.tokenizer, anchor.config, [a.config for a in augments],
+                                  dirs=[args.anchor, *args.augment])
     frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}
     if args.composition:
         # Checks the run was trained on these very models (configs and content hashes).

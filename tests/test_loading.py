@@ -88,6 +88,31 @@ def test_sharded_checkpoint_loads(tmp_path, llama_dir):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_streamed_load_equals_the_whole_checkpoint_path(tmp_path):
+    """load_pretrained reads and places one tensor at a time; the result is what mapping the
+    whole checkpoint at once gives (hf_to_params on every shard's tensors), bit for bit, and
+    each weight lands on the sharding asked for."""
+    from flax import traverse_util
+
+    from calm_jax.loading import hf_to_params, load_config
+    hf_models.make_hf_model("llama", seed=3).save_pretrained(str(tmp_path), max_shard_size="300KB")
+    shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert len(shards) == 2
+    tensors = {k: v for f in shards for k, v in load_file(str(tmp_path / f)).items()}
+    cfg = load_config(str(tmp_path), param_dtype="bfloat16")
+    whole = traverse_util.unflatten_dict(
+        {k: v.astype(jnp.bfloat16) for k, v in hf_to_params(tensors, cfg).items()})
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("model",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model"))
+    shardings = jax.tree.map(lambda s: split if len(s.shape) == 2 else jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()), model.param_shapes(cfg))
+    streamed = load_pretrained(str(tmp_path), param_dtype="bfloat16", shardings=shardings, tokenizer=False)
+    assert jax.tree.structure(streamed.params) == jax.tree.structure(whole)
+    for a, b, s in zip(jax.tree.leaves(streamed.params), jax.tree.leaves(whole), jax.tree.leaves(shardings)):
+        assert a.dtype == jnp.bfloat16 and a.sharding == s
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_tokenizer_loaded_and_saved(llama_dir, tmp_path):
     ours = load_pretrained(llama_dir)
     assert ours.tokenizer is not None

@@ -3,11 +3,14 @@
     python -m train.compose --anchor DIR --augment DIR [--augment DIR ...] --data FILE --out RUN_DIR
         [--eval-data FILE] [--steps N --batch-size B --seq-len T --lr LR --warmup N --grad-accum K]
         [--mesh data=D,model=M] [--connections "0:3-1,0:7-3"] [--resume] [--config FILE.json]
+        [--init-from RUN_DIR|EXPORT_DIR]
 
 A JSON config file holds any of the flags (by their long name, "-" or "_"); flags given on
 the command line override it. Data: JSONL of {"prompt", "target"} (loss on the target) or
 {"text"}. Output in RUN_DIR: metrics.jsonl, loss.png, checkpoints/, bases.json,
-composition.json (load with calm_jax.checkpoint.load_composition).
+composition.json (load with calm_jax.checkpoint.load_composition; share Θ_C alone with
+python -m train.export). --init-from starts Θ_C from a run directory's latest checkpoint or
+an export instead of a random init: same base models and same wiring, or it is refused.
 
 Multi-host: run the same command on every host with JAX_COORDINATOR_ADDRESS=HOST:PORT,
 JAX_NUM_PROCESSES=P and JAX_PROCESS_ID=p (or --coordinator/--num-processes/--process-id);
@@ -29,7 +32,7 @@ _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _OPTION_FIELDS = dataclasses.fields(CompositionOptions)
 _MODEL_DEFAULTS = dict(augment=[], eval_data=None, connections=None, num_heads=None,
                        **{f.name: f.default for f in _OPTION_FIELDS}, frozen_dtype="float32", resume=False,
-                       coordinator=None, num_processes=None, process_id=None)
+                       init_from=None, coordinator=None, num_processes=None, process_id=None)
 
 
 def option_flag(name: str) -> str:
@@ -82,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_flags(p)
     p.add_argument("--frozen-dtype", choices=("float32", "bfloat16"), help="storage dtype of the frozen models")
     p.add_argument("--resume", action="store_true", default=None, help="continue from RUN_DIR's latest checkpoint")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start Θ_C from this run directory's latest checkpoint or this export (train.export), "
+                        "trained with the same base models and wiring; the optimizer starts fresh")
     t = p.add_argument_group("training (calm_jax.trainer.TrainConfig)")
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int, help="global batch size")
@@ -184,6 +190,9 @@ def main(argv=None) -> int:
             anchor=configs[0], augments=tuple(configs[1:]),
             connections=parse_connections(v["connections"], len(v["augment"])), num_heads=v["num_heads"],
             options=options_from(v))
+        if v["init_from"]:
+            checkpoint.composition_step(v["init_from"])  # it has a Θ_C
+            checkpoint.check_wiring(v["init_from"], ccfg)
         longest = composition.ComposedLM(ccfg).max_positions
         if "seq_len" not in v["given"] and cfg.seq_len > longest:
             say(f"--seq-len not given: using {longest}, the models' position limit, not the default {cfg.seq_len}")
@@ -197,6 +206,8 @@ def main(argv=None) -> int:
         if missing_tok:
             raise CheckpointError(f"{missing_tok[0]} has no tokenizer files, so its vocabulary cannot be checked")
         composition.check_vocabularies(tokenizers[0], tokenizers[1:])
+        # vocab_size may differ (tables padded differently); every tokenizer id must have a row in each.
+        composition.check_tokenizer_fits(tokenizers[0], ccfg.anchor, ccfg.augments, dirs=[v["anchor"], *v["augment"]])
         train_data = data.load_dataset(v["data"], tokenizers[0], cfg.seq_len, cfg.append_eos)
         eval_data = (data.load_dataset(v["eval_data"], tokenizers[0], cfg.seq_len, cfg.append_eos)
                      if v["eval_data"] else None)
@@ -205,6 +216,9 @@ def main(argv=None) -> int:
         augments = [load_pretrained(d, param_dtype=v["frozen_dtype"], shardings=place, tokenizer=False)
                     for d in v["augment"]]
         theta = composition.init_theta(ccfg, jax.random.key(cfg.seed))
+        if v["init_from"]:  # checks the base models are the ones it was trained with
+            theta = checkpoint.load_composition(v["init_from"], anchor, augments)[1]
+            say(f"Θ_C initialised from {v['init_from']} (step {checkpoint.composition_step(v['init_from'])})")
         say(composition.describe(ccfg, theta))
         say(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} device(s), {jax.process_count()} process(es)")
         say(f"memory: remat {cfg.remat}, loss " + (f"in chunks of {cfg.loss_chunk} positions" if cfg.loss_chunk
@@ -215,7 +229,9 @@ def main(argv=None) -> int:
         result = trainer.train(
             v["out"], cfg, losses.composed_loss(ccfg, cfg.remat, cfg.loss_chunk), theta, frozen,
             train_data, eval_data, bases=checkpoint.composition_bases(anchor, augments), resume=v["resume"],
-            mesh=mesh, meta={"anchor": v["anchor"], "augments": v["augment"]})
+            mesh=mesh, meta={"anchor": v["anchor"], "augments": v["augment"], "data": v["data"],
+                             "train_examples": len(train_data), "eval_data": v["eval_data"],
+                             "init_from": v["init_from"]})
     except (CheckpointError, ConfigError, composition.CompositionError, data.DataError, sharding.MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
