@@ -184,10 +184,11 @@ def _rope(hf: Mapping[str, Any]) -> dict:
     return out
 
 
-def _llama_like(hf: Mapping[str, Any], family: str) -> dict:
+def _shape(hf: Mapping[str, Any]) -> dict:
+    """The decoder's sizes, as every Llama-like config.json spells them."""
     hidden = int(_req(hf, "hidden_size"))
     heads = int(_req(hf, "num_attention_heads"))
-    out = dict(
+    return dict(
         vocab_size=int(_req(hf, "vocab_size")),
         hidden_size=hidden,
         num_layers=int(_req(hf, "num_hidden_layers")),
@@ -195,6 +196,12 @@ def _llama_like(hf: Mapping[str, Any], family: str) -> dict:
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=int(hf.get("head_dim") or hidden // heads),
         intermediate_size=int(_req(hf, "intermediate_size")),
+    )
+
+
+def _llama_like(hf: Mapping[str, Any], family: str) -> dict:
+    out = dict(
+        **_shape(hf),
         max_positions=int(hf.get("max_position_embeddings") or 2048),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         activation=hf.get("hidden_activation") or hf.get("hidden_act") or "silu",
@@ -276,16 +283,8 @@ _GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  
 
 
 def _sizes(hf: Mapping[str, Any], activation_key: str) -> dict:
-    hidden = int(_req(hf, "hidden_size"))
-    heads = int(_req(hf, "num_attention_heads"))
     return dict(
-        vocab_size=int(_req(hf, "vocab_size")),
-        hidden_size=hidden,
-        num_layers=int(_req(hf, "num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hidden // heads),
-        intermediate_size=int(_req(hf, "intermediate_size")),
+        **_shape(hf),
         max_positions=int(hf["max_position_embeddings"]),
         norm_eps=float(hf["rms_norm_eps"]),
         activation=hf[activation_key],
