@@ -191,6 +191,35 @@ def test_seeds_runs_table1_per_data_seed(tmp_path, capsys):
     assert "distinct" in capsys.readouterr().err
 
 
+def test_train_seeds_vary_every_stage_seed(tmp_path, monkeypatch, capsys):
+    """--seeds S,.. --train-seeds T,..: one run per (data seed, training seed), training seed T
+    seeding m_A, m_B and Θ_C with 3T+1, 3T+2, 3T+3 (T = 0 is the preset's default)."""
+    from calm_jax.experiment.spec import Seeds
+
+    seen = {}
+
+    def fake_table1(task, preset_name, out, overrides=()):
+        preset = study.get_preset(task, preset_name, overrides)
+        seen[os.path.basename(out)] = (preset.task.seed, preset.seeds)
+        return {"config": {}, **{m: {s: float(len(seen)) for s in task.eval_sets} for m in ("m_A", "m_B", "calm")}}
+
+    monkeypatch.setattr(study, "run_table1", fake_table1)
+    out = str(tmp_path / "seeds")
+    assert main(["--preset", "tiny", "--seeds", "0,2", "--train-seeds", "0,1", "--workers", "1", "--out", out]) == 0
+    assert seen == {"data0-train0": (0, Seeds()), "data0-train1": (0, Seeds(4, 5, 6)),
+                    "data2-train0": (2, Seeds()), "data2-train1": (2, Seeds(4, 5, 6))}
+    with open(os.path.join(out, "seeds.json")) as f:
+        seeds = json.load(f)
+    assert list(seeds["runs"]) == list(seen) and seeds["config"]["train_seeds"] == [0, 1]
+    assert seeds["summary"]["calm"][TASK.eval_sets[0]] == {"mean": 2.5, "min": 1.0, "max": 4.0}
+    for bad, match in ((["--train-seeds", "0"], "goes with --seeds"),
+                       (["--seeds", "0", "--train-seeds", "1,1"], "distinct"),
+                       (["--seeds", "0", "--train-seeds", "-1"], "distinct seeds >= 0")):
+        with pytest.raises(SystemExit):
+            main(["--preset", "tiny", "--out", out, *bad])
+        assert match in capsys.readouterr().err
+
+
 def test_copy_rate_agrees_with_the_table(run_dir):
     from train.kv_arithmetic import analyze
 

@@ -404,9 +404,19 @@ def run_sweep(task, preset_name: str, out: str, overrides=(), workers: int | Non
 
 # --- seeds ----------------------------------------------------------------------------------------------
 
-def _seed_job(task, preset_name: str, out: str, overrides: tuple, _context, name: str) -> dict:
-    seed = int(name.removeprefix("seed"))
-    return run_table1(task, preset_name, os.path.join(out, name), overrides=(*overrides, f"task.seed={seed}"))
+def training_seeds(t: int) -> tuple[str, ...]:
+    """Training seed T as overrides: the three stages seeded 3T+1, 3T+2, 3T+3 (T = 0: the defaults)."""
+    return tuple(f"seeds.{stage}={3 * t + i}" for i, stage in enumerate(("m_A", "m_B", "theta"), start=1))
+
+
+def seed_run_name(data_seed: int, train_seed: int | None) -> str:
+    return f"seed{data_seed}" if train_seed is None else f"data{data_seed}-train{train_seed}"
+
+
+def _seed_job(task, preset_name: str, out: str, overrides: tuple, runs: dict, _context, name: str) -> dict:
+    data_seed, train_seed = runs[name]
+    more = (f"task.seed={data_seed}",) + (() if train_seed is None else training_seeds(train_seed))
+    return run_table1(task, preset_name, os.path.join(out, name), overrides=(*overrides, *more))
 
 
 def _no_setup():
@@ -414,26 +424,35 @@ def _no_setup():
 
 
 def run_seeds(task, preset_name: str, out: str, seeds: Sequence[int], overrides=(),
-              workers: int | None = None) -> dict:
-    """run_table1 once per data seed (`task.seed`) into OUT/seed<S>, in worker processes; writes
-    OUT/seeds.json ({"runs": {"seed<S>": table1.json}, "summary": mean/min/max, "config"}) and
-    seeds.md. Each run is a whole pipeline of its own (its own base models)."""
+              workers: int | None = None, train_seeds: Sequence[int] | None = None) -> dict:
+    """run_table1 once per data seed (`task.seed`) into OUT/seed<S>, or, with `train_seeds`, once
+    per data seed and training seed T (the stages' seeds 3T+1, 3T+2, 3T+3: `training_seeds`)
+    into OUT/data<S>-train<T>; in worker processes. Writes OUT/seeds.json ({"runs": {run name:
+    table1.json}, "summary": mean/min/max, "config"}) and seeds.md. Each run is a whole pipeline
+    of its own (its own base models)."""
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"run_seeds needs distinct seeds, found {list(seeds)}")
+    if train_seeds is not None and (len(set(train_seeds)) != len(train_seeds) or not train_seeds
+                                    or min(train_seeds) < 0):
+        raise ValueError(f"run_seeds needs distinct training seeds >= 0, found {list(train_seeds)}")
     start = time.perf_counter()
     timer = Timer()
-    names = [f"seed{s}" for s in seeds]
+    runs = {seed_run_name(s, t): (s, t) for s in seeds for t in (train_seeds or (None,))}
+    names = list(runs)
     workers = workers_lib.default_workers(len(names)) if workers is None else workers
     tables = {}
-    workers_lib.run_jobs("seeds", names, functools.partial(_seed_job, task, preset_name, out, tuple(overrides)),
+    workers_lib.run_jobs("seeds", names, functools.partial(_seed_job, task, preset_name, out, tuple(overrides), runs),
                          _no_setup, workers, timer, lambda name, table: tables.__setitem__(name, table),
                          os.path.join(out, "logs"))
     tables = {name: tables[name] for name in names}
     timer.seconds["total"] = round(time.perf_counter() - start, 1)
     seeds_json = {"runs": tables, "summary": report.spread(tables),
                   "config": {"preset": preset_name, "overrides": list(overrides), "seeds": list(seeds),
+                             "train_seeds": None if train_seeds is None else list(train_seeds),
                              "workers": workers}, "seconds": timer.seconds}
     title = f"preset `{spec.label(preset_name, overrides)}`, data seeds {', '.join(map(str, seeds))}"
+    if train_seeds is not None:
+        title += f" × training seeds {', '.join(map(str, train_seeds))}"
     report.write(out, "seeds", seeds_json, report.seeds_markdown(task, seeds_json, title))
     print(report.seeds_markdown(task, seeds_json, title))
     return seeds_json

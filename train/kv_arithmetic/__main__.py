@@ -1,7 +1,7 @@
 """Key-value arithmetic (paper §4.1, Table 1) end to end; what `make demo` runs.
 
     python -m train.kv_arithmetic [--preset default|tiny|paper] [--out runs/kv_arithmetic] [--fresh]
-                                  [--set FIELD=VALUE ...] [--ablations] [--sweep] [--seeds 0,1,2] [--workers N]
+                                  [--set FIELD=VALUE ...] [--ablations] [--sweep] [--seeds 0,1,2 [--train-seeds 0,1]] [--workers N]
 
 Stages, each with a progress bar and its time (calm_jax.experiment.study.run_table1):
   data   D_KV, the three datasets, D_C (train.kv_arithmetic.task), as JSONL under OUT/data/
@@ -14,7 +14,8 @@ Results: OUT/table1.json, table1.md, table1.png. Trained models and Θ_C are kep
 reuses them after checking their recipe.json, and refuses other data or settings.
 --ablations: the Table 5 rows into OUT/ablations; --sweep: Θ_C per held-in key fraction into
 OUT/sweep; --seeds: Table 1 once per data seed into OUT/seed<S>, with mean/min/max in
-OUT/seeds.json. These run their jobs side by side, one worker process per CPU core.
+OUT/seeds.json; with --train-seeds, once per data seed and training seed T (stage seeds
+3T+1, 3T+2, 3T+3; T = 0 is the default) into OUT/data<S>-train<T>. These run their jobs side by side, one worker process per CPU core.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ import sys
 
 from calm_jax.experiment import study
 from train.kv_arithmetic.task import TASK
+
+
+def _seed_list(parser, flag: str, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated integers, found {text!r}")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        parser.error(f"{flag} needs distinct seeds >= 0, found {text!r}")
+    return seeds
 
 
 def main(argv=None) -> int:
@@ -40,20 +53,20 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="the held-in key fraction sweep into DIR/sweep")
     parser.add_argument("--seeds", metavar="S,S,...",
                         help="Table 1 once per data seed (task.seed) into DIR/seed<S>, summarised in DIR/seeds.json")
+    parser.add_argument("--train-seeds", metavar="T,T,...",
+                        help="with --seeds: each data seed once per training seed T (the seeds of m_A, m_B and "
+                             "Θ_C are 3T+1, 3T+2, 3T+3; T = 0 is the default 1, 2, 3) into DIR/data<S>-train<T>")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="with --ablations/--sweep/--seeds: jobs run at once, each in its own process pinned to "
                              "its own CPU cores (default: one per core on CPU, 1 on an accelerator)")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, found {args.workers}")
-    seeds = None
-    if args.seeds is not None:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",")]
-        except ValueError:
-            parser.error(f"--seeds takes comma-separated integers, found {args.seeds!r}")
-        if len(set(seeds)) != len(seeds):
-            parser.error(f"--seeds needs distinct seeds, found {args.seeds!r}")
+    seeds = _seed_list(parser, "--seeds", args.seeds)
+    train_seeds = _seed_list(parser, "--train-seeds", args.train_seeds)
+    if train_seeds is not None and seeds is None:
+        parser.error("--train-seeds goes with --seeds")
+    if seeds is not None:
         if args.ablations or args.sweep:
             parser.error("--seeds runs Table 1 per seed; run --ablations or --sweep separately")
     try:
@@ -63,7 +76,7 @@ def main(argv=None) -> int:
     if args.fresh and os.path.isdir(args.out):
         shutil.rmtree(args.out)
     if seeds is not None:
-        study.run_seeds(TASK, args.preset, args.out, seeds, args.overrides, args.workers)
+        study.run_seeds(TASK, args.preset, args.out, seeds, args.overrides, args.workers, train_seeds)
     elif args.ablations or args.sweep:
         if args.ablations:
             study.run_ablations(TASK, args.preset, args.out, args.overrides, args.workers)
