@@ -214,7 +214,8 @@ def test_train_seeds_vary_every_stage_seed(tmp_path, monkeypatch, capsys):
     assert seeds["summary"]["calm"][TASK.eval_sets[0]] == {"mean": 2.5, "min": 1.0, "max": 4.0}
     for bad, match in ((["--train-seeds", "0"], "goes with --seeds"),
                        (["--seeds", "0", "--train-seeds", "1,1"], "distinct"),
-                       (["--seeds", "0", "--train-seeds", "-1"], "distinct seeds >= 0")):
+                       (["--seeds", "0", "--train-seeds", "-1"], "distinct seeds >= 0"),
+                       (["--seeds", "0", "--train-seeds", "1", "--set", "seeds.theta=4"], "drop --set seeds.*")):
         with pytest.raises(SystemExit):
             main(["--preset", "tiny", "--out", out, *bad])
         assert match in capsys.readouterr().err

@@ -406,7 +406,8 @@ def run_sweep(task, preset_name: str, out: str, overrides=(), workers: int | Non
 
 def training_seeds(t: int) -> tuple[str, ...]:
     """Training seed T as overrides: the three stages seeded 3T+1, 3T+2, 3T+3 (T = 0: the defaults)."""
-    return tuple(f"seeds.{stage}={3 * t + i}" for i, stage in enumerate(("m_A", "m_B", "theta"), start=1))
+    stages = [f.name for f in dataclasses.fields(spec.Seeds)]
+    return tuple(f"seeds.{stage}={3 * t + i}" for i, stage in enumerate(stages, start=1))
 
 
 def seed_run_name(data_seed: int, train_seed: int | None) -> str:
@@ -435,6 +436,9 @@ def run_seeds(task, preset_name: str, out: str, seeds: Sequence[int], overrides=
     if train_seeds is not None and (len(set(train_seeds)) != len(train_seeds) or not train_seeds
                                     or min(train_seeds) < 0):
         raise ValueError(f"run_seeds needs distinct training seeds >= 0, found {list(train_seeds)}")
+    if train_seeds is not None and any(o.startswith("seeds.") for o in overrides):
+        raise ValueError(f"training seeds set the stage seeds; drop the overrides "
+                         f"{[o for o in overrides if o.startswith('seeds.')]}")
     start = time.perf_counter()
     timer = Timer()
     runs = {seed_run_name(s, t): (s, t) for s in seeds for t in (train_seeds or (None,))}

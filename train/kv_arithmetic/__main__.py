@@ -15,7 +15,8 @@ reuses them after checking their recipe.json, and refuses other data or settings
 --ablations: the Table 5 rows into OUT/ablations; --sweep: Θ_C per held-in key fraction into
 OUT/sweep; --seeds: Table 1 once per data seed into OUT/seed<S>, with mean/min/max in
 OUT/seeds.json; with --train-seeds, once per data seed and training seed T (stage seeds
-3T+1, 3T+2, 3T+3; T = 0 is the default) into OUT/data<S>-train<T>. These run their jobs side by side, one worker process per CPU core.
+3T+1, 3T+2, 3T+3; T = 0 is the default) into OUT/data<S>-train<T>. These run their jobs
+side by side, one worker process per CPU core.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     train_seeds = _seed_list(parser, "--train-seeds", args.train_seeds)
     if train_seeds is not None and seeds is None:
         parser.error("--train-seeds goes with --seeds")
+    if train_seeds is not None and any(o.startswith("seeds.") for o in args.overrides):
+        parser.error("--train-seeds sets the stage seeds: drop --set seeds.*")
     if seeds is not None:
         if args.ablations or args.sweep:
             parser.error("--seeds runs Table 1 per seed; run --ablations or --sweep separately")
