@@ -257,15 +257,12 @@ def _manager(run_dir: str):
                                  options=ocp.CheckpointManagerOptions(create=False), item_names=("state", "meta"))
 
 
-def composition_step(run_dir: str, step: int | None = None) -> int:
-    """The checkpoint step `load_composition` reads from a `train.compose` run directory or an
-    export: `step`, checked to exist, or the latest (an export holds one step). Reads no
-    weights. Raises CheckpointError."""
+def composition_steps(run_dir: str) -> list[int]:
+    """The checkpoint steps kept in a `train.compose` run directory, in order (an export: its
+    one step). Reads no weights. Raises CheckpointError when there is none."""
     export = _read_export(run_dir)
     if export is not None:
-        if step is not None and step != export["step"]:
-            raise CheckpointError(f"{run_dir} is an export of step {export['step']} only; it has no step {step}")
-        return export["step"]
+        return [export["step"]]
     if not os.path.isfile(os.path.join(run_dir, _COMPOSITION_FILE)):
         raise CheckpointError(f"{run_dir} is not a train.compose run directory nor an export "
                               f"(no {_COMPOSITION_FILE})")
@@ -276,6 +273,19 @@ def composition_step(run_dir: str, step: int | None = None) -> int:
         manager.close()
     if not steps:
         raise CheckpointError(f"{run_dir} has no checkpoint")
+    return steps
+
+
+def composition_step(run_dir: str, step: int | None = None) -> int:
+    """The checkpoint step `load_composition` reads from a `train.compose` run directory or an
+    export: `step`, checked to exist, or the latest (an export holds one step). Reads no
+    weights. Raises CheckpointError."""
+    export = _read_export(run_dir)
+    if export is not None:
+        if step is not None and step != export["step"]:
+            raise CheckpointError(f"{run_dir} is an export of step {export['step']} only; it has no step {step}")
+        return export["step"]
+    steps = composition_steps(run_dir)
     if step is not None and step not in steps:
         raise CheckpointError(f"{run_dir} has no checkpoint for step {step} (has {steps})")
     return steps[-1] if step is None else step

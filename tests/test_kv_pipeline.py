@@ -24,7 +24,8 @@ from train.kv_arithmetic.task import TASK
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("kv") / "run")
-    table = study.run_table1(TASK, "tiny", out)
+    # Every Θ_C checkpoint kept, for the curve test (it changes no weight: not in the recipe).
+    table = study.run_table1(TASK, "tiny", out, overrides=["train_C.save_every=1"])
     return out, table
 
 
@@ -232,3 +233,30 @@ def test_copy_rate_agrees_with_the_table(run_dir):
         assert 0.0 <= rates[name]["copied"] <= 1.0
         # A correct answer is a correct copy followed by a correct result.
         assert rates[name]["copied"] * rates[name]["right_given_copy"] == pytest.approx(rates[name]["exact_match"])
+
+
+def test_stage_save_every_keeps_every_checkpoint():
+    stage = PRESETS["tiny"].train_C
+    assert (stage.train_config(8, 0).save_every, stage.train_config(8, 0).keep) == (0, 1)
+    for steps, every, kept in ((3, 1, 3), (10, 4, 3), (8, 4, 2)):  # checkpoints at every N-th step and the last
+        tcfg = dataclasses.replace(stage, steps=steps, save_every=every).train_config(8, 0)
+        assert (tcfg.save_every, tcfg.keep) == (every, kept)
+    with pytest.raises(ValueError, match="save_every"):
+        dataclasses.replace(stage, save_every=-1).train_config(8, 0)
+
+
+def test_curve_scores_every_kept_checkpoint(run_dir):
+    """The run kept with train_C.save_every=1: the curve has one point per step, and its last
+    step's predictions are Table 1's, text for text."""
+    from train.kv_arithmetic import analyze
+
+    out, table = run_dir
+    sets = ("kv_arithmetic_heldout", "kv_arithmetic")
+    points = analyze.curve(out, sets)
+    assert sorted(points) == [1, 2, 3]
+    with open(os.path.join(out, "curve", "curve.json")) as f:
+        assert json.load(f) == {str(k): v for k, v in points.items()}
+    for name in sets:
+        assert points[3][name] == table["calm"][name]
+        assert (read_jsonl(os.path.join(out, "curve", f"step3-{name}.jsonl"))
+                == read_jsonl(os.path.join(out, "predictions", f"calm-{name}.jsonl")))

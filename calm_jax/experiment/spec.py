@@ -46,13 +46,20 @@ class Stage:
     warmup: int
     b2: float = 0.999  # Adam's second-moment decay
     clip: float = 1.0  # global gradient norm
+    # Steps between kept checkpoints, for a learning curve (train.kv_arithmetic.analyze curve);
+    # 0: only the last. Not part of the recipe: it changes no weight.
+    save_every: int = 0
 
     def train_config(self, seq_len: int, seed: int):
-        """This stage as a calm_jax.trainer.TrainConfig (no periodic eval; one checkpoint, at the end)."""
+        """This stage as a calm_jax.trainer.TrainConfig (no periodic eval; one checkpoint at the end,
+        and with save_every one every save_every steps, all kept)."""
         from calm_jax import trainer
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, found {self.save_every}")
+        keep = 1 if not self.save_every else -(-self.steps // self.save_every)  # every one of them
         return trainer.TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=seq_len, lr=self.lr,
                                    warmup=self.warmup, end_lr_ratio=0.05, b2=self.b2, clip=self.clip, seed=seed,
-                                   eval_every=0, save_every=0, keep=1)
+                                   eval_every=0, save_every=self.save_every, keep=keep)
 
 
 @dataclasses.dataclass(frozen=True)
