@@ -92,21 +92,52 @@ def softcap(x, cap: float | None):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def multihead_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: float, logit_cap: float | None = None):
+# Long inputs: queries are taken Q_CHUNK at a time once there are at least Q_CHUNK_FROM of
+# them, so that the scores and probabilities held at once are B x H x Q_CHUNK x S instead of
+# B x H x T x S (at T = 8192: 16x less), in a backward pass too (each chunk is recomputed,
+# not stored). Every query row is computed by the same ops either way.
+Q_CHUNK = 512
+Q_CHUNK_FROM = 2048
+
+
+def _attention_rows(q_BxTxGxRxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: float, logit_cap: float | None):
+    s_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                             preferred_element_type=accum_dtype(q_BxTxGxRxK.dtype)) * scale
+    s_BxGxRxTxS = softcap(s_BxGxRxTxS, logit_cap)
+    s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxRxTxS, masks.NEG_INF)
+    p_BxGxRxTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
+    return jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxSxGxK)
+
+
+def multihead_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: float, logit_cap: float | None = None,
+                        q_chunk: int | None = None):
     """Grouped-query attention with scores and softmax in `accum_dtype`. Returns out_BxTxHxK.
 
     logit_cap: soft-caps the scaled scores (before the mask), as Gemma 2 does.
+    q_chunk: queries per chunk (a checkpointed loop over chunks; see Q_CHUNK); None: Q_CHUNK
+      when T >= Q_CHUNK_FROM, else all at once. Same result either way.
     """
     b, t, h, kd = q_BxTxHxK.shape
     g = k_BxSxGxK.shape[2]
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kd)
-    s_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
-                             preferred_element_type=accum_dtype(q_BxTxHxK.dtype)) * scale
-    s_BxGxRxTxS = softcap(s_BxGxRxTxS, logit_cap)
-    s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxRxTxS, masks.NEG_INF)
-    p_BxGxRxTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
-    out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxSxGxK)
-    return out_BxTxGxRxK.reshape(b, t, h, kd)
+    if q_chunk is None:
+        q_chunk = Q_CHUNK if t >= Q_CHUNK_FROM else t
+    if q_chunk >= t:
+        out_BxTxGxRxK = _attention_rows(q_BxTxGxRxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, logit_cap)
+        return out_BxTxGxRxK.reshape(b, t, h, kd)
+    n = -(-t // q_chunk)
+    pad = n * q_chunk - t  # padded query rows attend nothing (uniform softmax) and are dropped
+    q_NxBxCxGxRxK = jnp.pad(q_BxTxGxRxK, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).reshape(
+        b, n, q_chunk, g, h // g, kd).swapaxes(0, 1)
+    mask_NxBxCxS = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0))).reshape(b, n, q_chunk, -1).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk(args):
+        q_BxCxGxRxK, mask_BxCxS = args
+        return _attention_rows(q_BxCxGxRxK, k_BxSxGxK, v_BxSxGxK, mask_BxCxS, scale, logit_cap)
+
+    out_NxBxCxGxRxK = jax.lax.map(chunk, (q_NxBxCxGxRxK, mask_NxBxCxS))
+    return out_NxBxCxGxRxK.swapaxes(0, 1).reshape(b, n * q_chunk, h, kd)[:, :t]
 
 
 def default_inv_freq(dim: int, theta: float) -> np.ndarray:

@@ -262,3 +262,46 @@ def test_learned_positions_past_the_table_do_not_poison_real_tokens(models):
     out = np.asarray(FWD(cfg, params, tokens, mask).logits_BxTxV)
     assert np.isfinite(out).all()
     assert_identity(out[:, :6], FWD(cfg, params, tokens[:, :6]).logits_BxTxV)
+
+
+@pytest.mark.parametrize("q_chunk", [1, 4, 5, 12])
+def test_query_chunked_attention_is_the_same_function(q_chunk):
+    """Attention taken q_chunk queries at a time (the long-context path: model.Q_CHUNK) equals
+    all queries at once, in its output and in every gradient: GQA, soft-capping, padding and
+    a sliding window, and T = 13 not a multiple of the chunk (its padded rows are dropped)."""
+    b, t, s, h, g, k = 2, 13, 13, 4, 2, 8
+    rng = np.random.default_rng(0)
+    with numerics.float64():
+        q, kk, v = (jnp.asarray(rng.normal(size=shape)) for shape in ((b, t, h, k), (b, s, g, k), (b, s, g, k)))
+        valid_BxS = jnp.asarray(rng.random((b, s)) > 0.25)
+        pos_BxT = masks.positions_from_mask(valid_BxS)
+        mask_BxTxS = masks.attention_mask(jnp.arange(t), jnp.arange(s), valid_BxS, pos_BxT, pos_BxT, window=5)
+
+        def loss(q_chunk, q, kk, v):
+            out = model.multihead_attention(q, kk, v, mask_BxTxS, 0.3, logit_cap=2.0, q_chunk=q_chunk)
+            return jnp.sum(jnp.sin(out)), out
+
+        (_, whole), grads_whole = jax.value_and_grad(lambda *a: loss(t, *a), argnums=(0, 1, 2), has_aux=True)(q, kk, v)
+        (_, chunked), grads_chunked = jax.value_and_grad(lambda *a: loss(q_chunk, *a), argnums=(0, 1, 2),
+                                                         has_aux=True)(q, kk, v)
+        assert_identity(chunked, whole)
+        for name, a, d in zip("qkv", grads_chunked, grads_whole):
+            assert_identity(a, d, err_msg=f"d loss / d {name}")
+
+
+def test_long_inputs_take_the_chunked_path(models, monkeypatch):
+    """From Q_CHUNK_FROM queries on, the model's attention runs in chunks, with the same logits."""
+    ours = models["llama"]
+    with numerics.float64():
+        cfg, params = numerics.f64(ours.config), numerics.to_f64(ours.params)
+        tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11)), jnp.int32)
+        mask = jnp.ones((2, 11), bool).at[0, :3].set(False)
+        whole = model.forward(cfg, params, tokens, mask).logits_BxTxV
+        calls = []
+        real = model._attention_rows
+        monkeypatch.setattr(model, "_attention_rows", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
+        monkeypatch.setattr(model, "Q_CHUNK_FROM", 8)
+        monkeypatch.setattr(model, "Q_CHUNK", 4)
+        chunked = model.forward(cfg, params, tokens, mask).logits_BxTxV
+        assert calls and set(calls) == {4}  # every layer's attention, 4 queries at a time
+        assert_identity(chunked, whole, where=mask[..., None])
