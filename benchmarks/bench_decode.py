@@ -13,6 +13,16 @@ The no-cache baseline re-runs the full forward over a fixed prompt + new-token b
 (32 + 96/2) / 128 = 0.625 of those tokens on average, so the `cache_speedup_growing`
 line scales the measured gain by 0.625: a conservative bound for that kind of baseline.
 
+Roofline (the `roofline` lines): what one decode step must read and compute, from the
+shapes, against rates measured in the same rounds. Bytes: every frozen weight and Θ_C the
+variant uses (the input embedding table only for the rows it looks up), and every cache
+(self-attention k/v of each layer run, cross-attention k/v of each connection) at its attended
+length; over `read_gb_s`, a jitted sum over a 1 GiB array (far larger than the caches and
+weights). FLOPs: each layer's matmuls and attention at that length, the head, Θ_C; over
+`matmul_gflops_s`, a 2048x2048 fp32 matmul. The step's limit is the larger of the two
+times, summed over the new tokens' steps (the prefill counted as the prompt's tokens' FLOPs);
+each variant's `fraction_of_roofline` is that limit over its measured time.
+
     python benchmarks/bench_decode.py [--reps 5] [--batch 8] [--prompt 32] [--new 96] [--augments 1]
         [--skip-nocache]   (the no-cache baseline takes minutes per rep on 2 CPU cores)
 """
@@ -35,11 +45,60 @@ from calm_jax import composition as comp  # noqa: E402
 from calm_jax import decoding  # noqa: E402
 from calm_jax.config import ModelConfig  # noqa: E402
 from calm_jax.model import PlainLM, init_params  # noqa: E402
+from calm_jax.plan import layer_flops  # noqa: E402
 
 ANCHOR = ModelConfig(family="llama", vocab_size=512, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
                      head_dim=64, intermediate_size=1408, max_positions=512)
 AUGMENT = ModelConfig(family="llama", vocab_size=512, hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=4,
                       head_dim=64, intermediate_size=704, max_positions=512)
+
+
+F32 = 4  # bytes
+
+
+def _model_step(cfg: ModelConfig, b: int, length: int, layers: int, head: bool) -> tuple[float, float]:
+    """(bytes, FLOPs) of one token per row through `layers` layers (and the head) attending `length` slots."""
+    d, g, k = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+    mm, att = layer_flops(cfg, length)
+    per_layer_weights = (mm / 2) * F32  # every matmul weight read once (2 FLOPs per weight and row)
+    cache = 2 * length * b * g * k * F32  # k and v
+    weights = layers * per_layer_weights + b * d * F32 + (d * cfg.vocab_size * F32 if head else 0)
+    flops = b * (layers * (mm + att) + (2 * d * cfg.vocab_size if head else 0))
+    return weights + layers * cache, flops
+
+
+def step_cost(variant: str, ccfg, b: int, length: int, prompt: int) -> tuple[float, float]:
+    """(bytes read, FLOPs) of the decode step that attends `length` slots."""
+    a = ccfg.anchor
+    nbytes, flops = _model_step(a, b, length, a.num_layers, head=True)
+    if variant == "anchor":
+        return nbytes, flops
+    hk = ccfg.num_heads * ccfg.head_dim
+    for aug, pairs in zip(ccfg.augments, ccfg.connections):
+        keys = prompt if variant == "composed_encoder" else length  # encoder mode: m_A saw the prompt only
+        if variant != "composed_encoder":
+            ab, af = _model_step(aug, b, length, max(i for i, _ in pairs) + 1, head=False)
+            nbytes, flops = nbytes + ab, flops + af
+        # Per connection: q and o for the anchor token; the new augmenting state's projection and
+        # its k, v (iterative only); cross k/v of every attended augmenting slot.
+        qo = 2 * a.hidden_size * hk
+        kv_new = aug.hidden_size * a.hidden_size + 2 * a.hidden_size * hk
+        new = variant != "composed_encoder"
+        nbytes += len(pairs) * F32 * (qo + (kv_new if new else 0) + 2 * keys * b * hk)
+        flops += len(pairs) * b * 2 * (qo + (kv_new if new else 0) + 2 * keys * hk)
+    return nbytes, flops
+
+
+def roofline_s(variant: str, ccfg, b: int, prompt: int, new: int, read_b_s: float, flops_s: float) -> dict:
+    """The decode's lower bound: prefill FLOPs, then each cached step's max(bytes / bw, FLOPs / rate)."""
+    prefill_flops = sum(step_cost(variant, ccfg, b, t, prompt)[1] for t in range(1, prompt + 1))  # causal
+    total_bytes = total_flops = 0.0
+    limit = prefill_flops / flops_s
+    for step in range(1, new):  # the last new token is never fed back
+        nbytes, flops = step_cost(variant, ccfg, b, prompt + step, prompt)
+        total_bytes, total_flops = total_bytes + nbytes, total_flops + flops
+        limit += max(nbytes / read_b_s, flops / flops_s)
+    return {"roofline_s": limit, "bytes_per_step": total_bytes / (new - 1), "flops_per_step": total_flops / (new - 1)}
 
 
 def main():
@@ -86,20 +145,42 @@ def main():
         assert np.array_equal(outputs["composed_iterative"].tokens_BxN,
                               outputs["composed_iterative_nocache"].tokens_BxN)
 
-    times = {name: [] for name in variants}
+    # The machine's rates, measured in the same rounds as the variants.
+    big = jnp.ones((2 ** 28,), jnp.float32)  # 1 GiB
+    read = jax.jit(jnp.sum)
+    mat = jax.random.normal(jax.random.key(0), (2048, 2048))
+    matmul = jax.jit(lambda x: x @ x)
+    probes = {"read_1gib": lambda: read(big), "matmul_2048": lambda: matmul(mat)}
+    for probe in probes.values():
+        jax.block_until_ready(probe())
+    times = {name: [] for name in (*variants, *probes)}
     for _ in range(args.reps):
         for name in variants:
             start = time.perf_counter()
             run(name)
+            times[name].append(time.perf_counter() - start)
+        for name, probe in probes.items():
+            start = time.perf_counter()
+            jax.block_until_ready(probe())
             times[name].append(time.perf_counter() - start)
 
     new_tokens = args.batch * args.new
     shape = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new, augments=args.augments,
                  device=jax.devices()[0].platform, reps=args.reps)
     median = {name: statistics.median(t) for name, t in times.items()}
+    read_b_s = big.size * F32 / median.pop("read_1gib")
+    flops_s = 2 * 2048 ** 3 / median.pop("matmul_2048")
+    print(json.dumps({"bench": "decode", "rates": "measured", "read_gb_s": round(read_b_s / 1e9, 2),
+                      "matmul_gflops_s": round(flops_s / 1e9, 2), **shape}))
     for name, t in median.items():
-        print(json.dumps({"bench": "decode", "variant": name, "new_tokens_per_s": round(new_tokens / t, 1),
-                          "median_s": round(t, 4), "min_s": round(min(times[name]), 4), **shape}))
+        line = {"bench": "decode", "variant": name, "new_tokens_per_s": round(new_tokens / t, 1),
+                "median_s": round(t, 4), "min_s": round(min(times[name]), 4), **shape}
+        if name != "composed_iterative_nocache":
+            roof = roofline_s(name, ccfg, args.batch, args.prompt, args.new, read_b_s, flops_s)
+            line.update(roofline_s=round(roof["roofline_s"], 4), fraction_of_roofline=round(roof["roofline_s"] / t, 3),
+                        mb_per_step=round(roof["bytes_per_step"] / 1e6, 1),
+                        gflop_per_step=round(roof["flops_per_step"] / 1e9, 3))
+        print(json.dumps(line))
     ratios = {
         "composed_iterative_over_anchor": (median["anchor"] / median["composed_iterative"], 0.6),
         "composed_encoder_over_anchor": (median["anchor"] / median["composed_encoder"], None),
