@@ -260,3 +260,22 @@ def test_curve_scores_every_kept_checkpoint(run_dir):
         assert points[3][name] == table["calm"][name]
         assert (read_jsonl(os.path.join(out, "curve", f"step3-{name}.jsonl"))
                 == read_jsonl(os.path.join(out, "predictions", f"calm-{name}.jsonl")))
+
+
+def test_base_seeds_trains_and_scores_one_model_per_seed(tmp_path, capsys):
+    from train.kv_arithmetic import base_seeds
+
+    out, jsonl = str(tmp_path / "m_A"), str(tmp_path / "m_A.jsonl")
+    assert base_seeds.main(["m_A", "--preset", "tiny", "--data-seeds", "0,1", "--seeds", "5", "--out", out,
+                            "--jsonl", jsonl, "--set", "train_A.steps=2"]) == 0
+    with open(jsonl) as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["data_seed"], r["seed"], r["steps"]) for r in rows] == [(0, 5, 2), (1, 5, 2)]
+    assert all(0.0 <= r["kv_substitution"] <= 1.0 for r in rows)
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")] == rows
+    for r in rows:  # trained where it says, with that seed (the recipe records it)
+        with open(os.path.join(out, f"data{r['data_seed']}-seed5", "m_A", stages.RECIPE_FILE)) as f:
+            assert json.load(f)["train"]["seed"] == 5
+    with pytest.raises(SystemExit):
+        base_seeds.main(["m_A", "--preset", "tiny", "--data-seeds", "0", "--seeds", "5", "--out", out,
+                         "--set", "seeds.m_A=3"])
