@@ -242,6 +242,41 @@ def batch_at(ds: Dataset, position: Position, batch_size: int, seed: int) -> tup
     return _rows(ds, rows), Position(epoch, index)
 
 
+def packed_batch_at(ds: Dataset, position: Position, batch_size: int, seed: int) -> tuple[dict, Position]:
+    """`batch_at` with each row packed: examples from the same stream, in order, laid end to
+    end in `batch_size` rows of ds.seq_len slots; an example that does not fit the rest of a
+    row starts the next row, and the one that fits no row left starts the next batch.
+
+    Returns `batch_at`'s arrays plus "segment_BxT" (int32: 1, 2, ... per example along each
+    row, 0 on padding: the models' attention and the loss stay within a segment) and the
+    position after the last packed example; a function of the position only, as batch_at.
+    """
+    epoch, index = position
+    t = ds.seq_len
+    tokens = np.zeros((batch_size, t), ds.tokens_NxT.dtype)
+    mask, target = np.zeros((batch_size, t), bool), np.zeros((batch_size, t), bool)
+    segment = np.zeros((batch_size, t), np.int32)
+    row = used = seg = 0
+    order = epoch_order(len(ds), seed, epoch)
+    while row < batch_size:
+        i = order[index]
+        n = int(ds.mask_NxT[i].sum())  # right-padded: the example is its first n slots
+        if used + n > t:
+            row, used, seg = row + 1, 0, 0
+            continue
+        seg += 1
+        sl = slice(used, used + n)
+        tokens[row, sl], mask[row, sl], target[row, sl] = ds.tokens_NxT[i, :n], True, ds.target_NxT[i, :n]
+        segment[row, sl] = seg
+        used += n
+        index += 1
+        if index == len(ds):
+            epoch, index = epoch + 1, 0
+            order = epoch_order(len(ds), seed, epoch)
+    return ({"tokens_BxT": tokens, "mask_BxT": mask, "target_BxT": target, "segment_BxT": segment},
+            Position(epoch, index))
+
+
 def eval_batches(ds: Dataset, batch_size: int) -> Iterator[dict]:
     """The whole file in order; the last batch is filled with empty rows (nothing scored)."""
     for start in range(0, len(ds), batch_size):

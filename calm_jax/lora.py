@@ -166,9 +166,10 @@ class LoRALM:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def apply(self, params, tokens_BxT, mask_BxT=None, cache=None) -> LMOutput:
+    def apply(self, params, tokens_BxT, mask_BxT=None, cache=None, *, segments_BxT=None) -> LMOutput:
         base = jax.lax.stop_gradient(params["base"])
-        return forward(self.cfg, merge(base, params["lora"], self.scale), tokens_BxT, mask_BxT, cache=cache)
+        return forward(self.cfg, merge(base, params["lora"], self.scale), tokens_BxT, mask_BxT, cache=cache,
+                       segments_BxT=segments_BxT)
 
     def init_cache(self, batch: int, length: int):
         return init_cache(self.cfg, batch, length)

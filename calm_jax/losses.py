@@ -19,16 +19,24 @@ import jax.numpy as jnp
 from calm_jax.composition import CompositionConfig, composed_forward
 from calm_jax.model import accum_dtype, head_logits
 
-Batch = dict  # {"tokens_BxT": int32, "mask_BxT": bool, "target_BxT": bool}
+Batch = dict  # {"tokens_BxT": int32, "mask_BxT": bool, "target_BxT": bool[, "segment_BxT": int32 (packed rows)]}
 LossFn = Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]
 
 
-def next_token_loss(logits_BxTxV, tokens_BxT, target_BxT):
-    """Summed cross-entropy of predicting token t+1 at position t, where token t+1 is a target.
+def predicted(target_BxT, segments_BxT=None):
+    """w_Bx(T-1): token t+1 is scored at position t: it is a target and, in a packed row, of
+    the same segment as t (an example's first token is never predicted from the one before)."""
+    w_BxT = target_BxT[:, 1:].astype(bool)
+    if segments_BxT is not None:
+        w_BxT &= segments_BxT[:, 1:] == segments_BxT[:, :-1]
+    return w_BxT
 
-    Log-softmax in at least fp32. Returns (loss_sum, n_tokens), scalars of that dtype.
+
+def next_token_loss(logits_BxTxV, tokens_BxT, target_BxT, segments_BxT=None):
+    """Summed cross-entropy of predicting token t+1 at position t, where token t+1 is a target
+    (`predicted`). Log-softmax in at least fp32. Returns (loss_sum, n_tokens), scalars of that dtype.
     """
-    return _nll_sums(logits_BxTxV[:, :-1], tokens_BxT[:, 1:], target_BxT[:, 1:])
+    return _nll_sums(logits_BxTxV[:, :-1], tokens_BxT[:, 1:], predicted(target_BxT, segments_BxT))
 
 
 def _nll_sums(logits_BxTxV, next_BxT, w_BxT):
@@ -41,7 +49,7 @@ def _nll_sums(logits_BxTxV, next_BxT, w_BxT):
 
 
 def chunked_next_token_loss(head: Callable[[jax.Array], jax.Array], h_BxTxD, tokens_BxT, target_BxT,
-                            chunk: int):
+                            chunk: int, segments_BxT=None):
     """`next_token_loss(head(h_BxTxD), ...)` without ever holding the B x T x V logits.
 
     head: h_BxCxD -> logits_BxCxV (e.g. the final norm and LM head). The logits are made
@@ -49,7 +57,7 @@ def chunked_next_token_loss(head: Callable[[jax.Array], jax.Array], h_BxTxD, tok
     (`jax.checkpoint`): at most B x chunk x V of them exist at once, against B x T x V (with
     its softmax copies) for the plain loss, which dominates memory at a 128k vocabulary.
     """
-    h_BxTxD, next_BxT, w_BxT = h_BxTxD[:, :-1], tokens_BxT[:, 1:], target_BxT[:, 1:]
+    h_BxTxD, next_BxT, w_BxT = h_BxTxD[:, :-1], tokens_BxT[:, 1:], predicted(target_BxT, segments_BxT)
     b, t = next_BxT.shape
     pad = -t % chunk
     if pad:  # padded positions carry weight 0
@@ -75,8 +83,10 @@ def lm_loss(apply: Callable, join: Callable[[Any, Any], Any] | None = None) -> L
     """
     def loss_fn(trainable, frozen, batch):
         params = trainable if join is None else join(trainable, frozen)
-        out = apply(params, batch["tokens_BxT"], batch["mask_BxT"])
-        return next_token_loss(out.logits_BxTxV, batch["tokens_BxT"], batch["target_BxT"])
+        segments = batch.get("segment_BxT")
+        packed = {} if segments is None else {"segments_BxT": segments}
+        out = apply(params, batch["tokens_BxT"], batch["mask_BxT"], **packed)
+        return next_token_loss(out.logits_BxTxV, batch["tokens_BxT"], batch["target_BxT"], segments)
     return loss_fn
 
 
@@ -99,12 +109,15 @@ def composed_loss(ccfg: CompositionConfig, remat: str = "none", loss_chunk: int 
     def loss_fn(theta, frozen, batch):
         params = {"theta": theta, **frozen}
         tokens_BxT, mask_BxT, target_BxT = batch["tokens_BxT"], batch["mask_BxT"], batch["target_BxT"]
-        out = composed_forward(ccfg, params, tokens_BxT, mask_BxT, remat=remat, logits=not loss_chunk)
+        segments = batch.get("segment_BxT")
+        out = composed_forward(ccfg, params, tokens_BxT, mask_BxT, remat=remat, logits=not loss_chunk,
+                               segments_BxT=segments)
         if not loss_chunk:
-            return next_token_loss(out.logits_BxTxV, tokens_BxT, target_BxT)
+            return next_token_loss(out.logits_BxTxV, tokens_BxT, target_BxT, segments)
         anchor = jax.lax.stop_gradient(frozen["anchor"])
         return chunked_next_token_loss(lambda h: head_logits(ccfg.anchor, anchor, h),
-                                       out.taps[ccfg.anchor.num_layers - 1], tokens_BxT, target_BxT, loss_chunk)
+                                       out.taps[ccfg.anchor.num_layers - 1], tokens_BxT, target_BxT, loss_chunk,
+                                       segments)
     return loss_fn
 
 
@@ -120,7 +133,8 @@ def encoder_mode_loss(ccfg: CompositionConfig) -> LossFn:
     def loss_fn(theta, frozen, batch):
         mask_BxT = batch["mask_BxT"].astype(bool)
         prompt_BxT = mask_BxT & ~batch["target_BxT"].astype(bool)
+        segments = batch.get("segment_BxT")
         out = composed_forward(ccfg, {"theta": theta, **frozen}, batch["tokens_BxT"], mask_BxT,
-                               augment_mask_BxT=prompt_BxT)
-        return next_token_loss(out.logits_BxTxV, batch["tokens_BxT"], batch["target_BxT"])
+                               augment_mask_BxT=prompt_BxT, segments_BxT=segments)
+        return next_token_loss(out.logits_BxTxV, batch["tokens_BxT"], batch["target_BxT"], segments)
     return loss_fn

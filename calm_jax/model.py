@@ -329,7 +329,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, mask_BxT, cache: KVCache | None = None,
-                 taps: Sequence[int] = (), hooks: Mapping[int, Hook] | None = None, logits: bool = True):
+                 taps: Sequence[int] = (), hooks: Mapping[int, Hook] | None = None, logits: bool = True,
+                 segments_BxT=None):
         cfg = self.cfg
         block = Block if self.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[self.remat])
         hooks = hooks or {}
@@ -361,11 +362,12 @@ class Decoder(nn.Module):
             k_slot_S = jnp.arange(cache.length)
             k_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxT, index, axis=1)
             k_pos_BxS = jax.lax.dynamic_update_slice_in_dim(cache.pos_BxS, positions_BxT.astype(jnp.int32), index, 1)
-        full_mask = masks.attention_mask(q_slot_T, k_slot_S, k_valid_BxS)
+        seg = {} if segments_BxT is None else {"q_seg_BxT": segments_BxT, "k_seg_BxS": segments_BxT}
+        full_mask = masks.attention_mask(q_slot_T, k_slot_S, k_valid_BxS, **seg)
         window_mask = None
         if cfg.sliding_window is not None:
             window_mask = masks.attention_mask(q_slot_T, k_slot_S, k_valid_BxS, positions_BxT, k_pos_BxS,
-                                               cfg.sliding_window)
+                                               cfg.sliding_window, **seg)
 
         # Without logits, layers after the last tap cannot affect anything returned.
         last = cfg.num_layers if logits else max(list(taps) + list(hooks) + [-1]) + 1
@@ -405,7 +407,7 @@ class Decoder(nn.Module):
 
 def forward(cfg: ModelConfig, params, tokens_BxT, mask_BxT=None, positions_BxT=None, cache: KVCache | None = None,
             taps: Sequence[int] = (), hooks: Mapping[int, Hook] | None = None, logits: bool = True,
-            remat: str = "none") -> LMOutput:
+            remat: str = "none", segments_BxT=None) -> LMOutput:
     """Runs the LM on `tokens_BxT`.
 
     mask_BxT: True for real tokens, False for padding (default: all real). Left or right
@@ -418,6 +420,9 @@ def forward(cfg: ModelConfig, params, tokens_BxT, mask_BxT=None, positions_BxT=N
     logits: False skips the final norm and head (and all layers after the last tap/hook).
     remat: what a backward pass through each layer recomputes instead of storing
       (REMAT_POLICIES); the values are the same.
+    segments_BxT: packed rows (int, one id per example, runs along the row; see
+      calm_jax.data.pack): attention stays within a segment and positions restart at each
+      (masks.positions_from_segments). Not with a cache.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMAT_POLICIES)}")
@@ -427,11 +432,19 @@ def forward(cfg: ModelConfig, params, tokens_BxT, mask_BxT=None, positions_BxT=N
     if mask_BxT is None:
         mask_BxT = jnp.ones(tokens_BxT.shape, bool)
     mask_BxT = mask_BxT.astype(bool)
+    if segments_BxT is not None:
+        if cache is not None:
+            raise ValueError("packed rows (segments_BxT) are for training and scoring, not with a cache")
+        if cfg.rope_type == "longrope":
+            raise ValueError("longrope picks its factors by a row's length: packed rows are not supported for it")
     if positions_BxT is None:
-        offset_B = None if cache is None else cache.valid_BxS.sum(-1).astype(jnp.int32)
-        positions_BxT = masks.positions_from_mask(mask_BxT, offset_B)
+        if segments_BxT is not None:
+            positions_BxT = masks.positions_from_segments(segments_BxT)
+        else:
+            offset_B = None if cache is None else cache.valid_BxS.sum(-1).astype(jnp.int32)
+            positions_BxT = masks.positions_from_mask(mask_BxT, offset_B)
     return Decoder(cfg, remat).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxT, cache,
-                                     tuple(taps), hooks, logits)
+                                     tuple(taps), hooks, logits, segments_BxT)
 
 
 def final_norm(cfg: ModelConfig, params, h_BxTxD):
@@ -486,8 +499,8 @@ class PlainLM:
     def max_positions(self) -> int:
         return self.cfg.max_positions
 
-    def apply(self, params, tokens_BxT, mask_BxT=None, cache=None) -> LMOutput:
-        return forward(self.cfg, params, tokens_BxT, mask_BxT, cache=cache)
+    def apply(self, params, tokens_BxT, mask_BxT=None, cache=None, *, segments_BxT=None) -> LMOutput:
+        return forward(self.cfg, params, tokens_BxT, mask_BxT, cache=cache, segments_BxT=segments_BxT)
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         return init_cache(self.cfg, batch, length)

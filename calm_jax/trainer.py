@@ -52,6 +52,9 @@ class TrainConfig:
     save_every: int = 200  # steps; a checkpoint is always written at the end
     keep: int = 3  # checkpoints kept
     append_eos: bool = True  # end each target with EOS, so the model learns to stop
+    # Several examples per row (data.packed_batch_at): a step's batch_size rows hold as many
+    # examples as fit, with no attention or loss across them; less padding computed.
+    pack: bool = False
     progress: bool = True  # tqdm bar
     # Memory for compute; neither changes the loss or the gradients. What the caller's loss
     # does with them (losses.composed_loss): the anchor layers' rematerialisation
@@ -166,6 +169,7 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
                          {"data_position": list(position), "step": step, "train_config": dataclasses.asdict(cfg),
                           **(meta or {})})
 
+    next_batch = data_lib.packed_batch_at if cfg.pack else data_lib.batch_at
     losses, eval_loss = [], None
     bar = _progress(cfg, step) if main else None
     with open(metrics_path, "a") if main else _Null() as log:
@@ -173,7 +177,7 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
         last_time, tokens_since = time.perf_counter(), 0
         start = step
         while step < cfg.steps:
-            batch, position = data_lib.batch_at(data, position, cfg.batch_size, cfg.seed)
+            batch, position = next_batch(data, position, cfg.batch_size, cfg.seed)
             tokens_since += int(batch["mask_BxT"].sum())
             trainable, opt_state, metrics = train_step(trainable, opt_state, frozen,
                                                        shard_lib.put_batch(mesh, batch))

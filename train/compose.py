@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the loss's logits N positions at a time (0: all at once), so B x T x V "
                         "logits never exist at once")
     t.add_argument("--seed", type=int)
+    t.add_argument("--pack", action="store_true", default=None,
+                   help="several examples per row (no attention or loss across them): less padding computed")
     t.add_argument("--mesh", help="device mesh, e.g. data=4,model=2 (default: all devices on data)")
     t.add_argument("--no-fsdp", dest="fsdp", action="store_false", default=None,
                    help="replicate weights over the data axis")

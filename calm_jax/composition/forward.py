@@ -60,7 +60,7 @@ def init_composed_cache(ccfg: CompositionConfig, batch: int, length: int) -> Com
 
 def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None, cache: ComposedCache | None = None,
                      encoder_mode: bool = False, augment_mask_BxT=None, remat: str = "none",
-                     logits: bool = True) -> LMOutput:
+                     logits: bool = True, segments_BxT=None) -> LMOutput:
     """The composed model m_A⊕B on tokens_BxT; returns LMOutput(logits_BxTxV, {}, cache).
 
     params: {"theta": Θ_C, "anchor": anchor params, "augments": (augment params, ...)}.
@@ -76,6 +76,8 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
       keeps nothing of theirs (nor of anchor layers before the first connection).
     logits: False returns the anchor's last-layer stream as taps[N_B - 1] instead of logits
       (model.head_logits makes them), for a loss that computes logits in chunks.
+    segments_BxT: packed rows (see model.forward): every model's self-attention and the
+      cross-attention stay within a segment, positions restart at each. Not with a cache.
     """
     if mask_BxT is None:
         mask_BxT = jnp.ones(tokens_BxT.shape, bool)
@@ -98,7 +100,12 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
     run_augments = cache is None or not (encoder_mode and cache.augments_done)
     q_slot_T = jnp.arange(t) if cache is None else cache.anchor.index + jnp.arange(t)
 
+    if segments_BxT is not None and cache is not None:
+        raise CompositionError("packed rows (segments_BxT) are for training and scoring, not with a cache")
+
     def positions(mask, model_cache):  # as `forward` computes them; given to it explicitly
+        if segments_BxT is not None:
+            return masks.positions_from_segments(segments_BxT)
         return masks.positions_from_mask(mask, None if model_cache is None else
                                          model_cache.valid_BxS.sum(-1).astype(jnp.int32))
 
@@ -111,7 +118,7 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
             aug_pos_BxT = positions(aug_mask_BxT, None if cache is None else cache.augments[m])
             out = forward(aug, frozen_augments[m], tokens_BxT, aug_mask_BxT, aug_pos_BxT,
                           cache=None if cache is None else cache.augments[m],
-                          taps=_augment_layers(pairs), logits=False)
+                          taps=_augment_layers(pairs), logits=False, segments_BxT=segments_BxT)
             kv = [module.apply({"params": p}, jax.lax.stop_gradient(out.taps[i]), aug_pos_BxT,
                                method=CrossAttention.keys_values)
                   for p, (i, _) in zip(conn_params, pairs)]
@@ -131,7 +138,8 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
             new_aug_caches.append(aug_cache)
             new_k.append(tuple(k for k, _ in kv))
             new_v.append(tuple(v for _, v in kv))
-        mask_BxTxS = masks.attention_mask(q_slot_T, k_slot_S, kv_valid_BxS)
+        seg = {} if segments_BxT is None else {"q_seg_BxT": segments_BxT, "k_seg_BxS": segments_BxT}
+        mask_BxTxS = masks.attention_mask(q_slot_T, k_slot_S, kv_valid_BxS, **seg)
         for p, (_, j), (k_BxSxHxK, v_BxSxHxK) in zip(conn_params, pairs, kv):
             terms.setdefault(j, []).append((module, p, k_BxSxHxK, v_BxSxHxK, mask_BxTxS))
 
@@ -145,7 +153,7 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
     last = ccfg.anchor.num_layers - 1
     out = forward(ccfg.anchor, frozen_anchor, tokens_BxT, mask_BxT, anchor_pos_BxT,
                   cache=None if cache is None else cache.anchor, hooks={j: hook(j) for j in terms},
-                  taps=() if logits else (last,), logits=logits, remat=remat)
+                  taps=() if logits else (last,), logits=logits, remat=remat, segments_BxT=segments_BxT)
     new_cache = None
     if cache is not None:
         new_cache = ComposedCache(anchor=out.cache, augments=tuple(new_aug_caches), cross_k=tuple(new_k),
@@ -187,8 +195,10 @@ class ComposedLM:
     def num_tokens(self) -> int:
         return min(c.vocab_size for c in (self.ccfg.anchor, *self.ccfg.augments))
 
-    def apply(self, params, tokens_BxT, mask_BxT=None, cache=None, *, augment_mask_BxT=None) -> LMOutput:
-        return composed_forward(self.ccfg, params, tokens_BxT, mask_BxT, cache, self.encoder_mode, augment_mask_BxT)
+    def apply(self, params, tokens_BxT, mask_BxT=None, cache=None, *, augment_mask_BxT=None,
+              segments_BxT=None) -> LMOutput:
+        return composed_forward(self.ccfg, params, tokens_BxT, mask_BxT, cache, self.encoder_mode, augment_mask_BxT,
+                                segments_BxT=segments_BxT)
 
     def init_cache(self, batch: int, length: int) -> ComposedCache:
         return init_composed_cache(self.ccfg, batch, length)

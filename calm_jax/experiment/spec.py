@@ -49,6 +49,9 @@ class Stage:
     # Steps between kept checkpoints, for a learning curve (train.kv_arithmetic.analyze curve);
     # 0: only the last. Not part of the recipe: it changes no weight.
     save_every: int = 0
+    # Several examples per row (calm_jax.data.packed_batch_at): a step's rows hold as many
+    # examples as fit. Part of the recipe (a step sees more examples).
+    pack: bool = False
 
     def train_config(self, seq_len: int, seed: int):
         """This stage as a calm_jax.trainer.TrainConfig (no periodic eval; one checkpoint at the end,
@@ -59,7 +62,7 @@ class Stage:
         keep = 1 if not self.save_every else -(-self.steps // self.save_every)  # every one of them
         return trainer.TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=seq_len, lr=self.lr,
                                    warmup=self.warmup, end_lr_ratio=0.05, b2=self.b2, clip=self.clip, seed=seed,
-                                   eval_every=0, save_every=self.save_every, keep=keep)
+                                   eval_every=0, save_every=self.save_every, keep=keep, pack=self.pack)
 
 
 @dataclasses.dataclass(frozen=True)
