@@ -243,9 +243,9 @@ def batch_at(ds: Dataset, position: Position, batch_size: int, seed: int) -> tup
 
 
 def packed_batch_at(ds: Dataset, position: Position, batch_size: int, seed: int) -> tuple[dict, Position]:
-    """`batch_at` with each row packed: examples from the same stream, in order, laid end to
-    end in `batch_size` rows of ds.seq_len slots; an example that does not fit the rest of a
-    row starts the next row, and the one that fits no row left starts the next batch.
+    """`batch_at` with packed rows: examples from the same stream, taken in order, each laid
+    in the first of the `batch_size` rows (of ds.seq_len slots) with room for it, after what
+    that row holds; the first example that fits no row starts the next batch.
 
     Returns `batch_at`'s arrays plus "segment_BxT" (int32: 1, 2, ... per example along each
     row, 0 on padding: the models' attention and the loss stay within a segment) and the
@@ -256,19 +256,20 @@ def packed_batch_at(ds: Dataset, position: Position, batch_size: int, seed: int)
     tokens = np.zeros((batch_size, t), ds.tokens_NxT.dtype)
     mask, target = np.zeros((batch_size, t), bool), np.zeros((batch_size, t), bool)
     segment = np.zeros((batch_size, t), np.int32)
-    row = used = seg = 0
+    used, segs = np.zeros(batch_size, int), np.zeros(batch_size, int)
     order = epoch_order(len(ds), seed, epoch)
-    while row < batch_size:
+    while True:
         i = order[index]
         n = int(ds.mask_NxT[i].sum())  # right-padded: the example is its first n slots
-        if used + n > t:
-            row, used, seg = row + 1, 0, 0
-            continue
-        seg += 1
-        sl = slice(used, used + n)
-        tokens[row, sl], mask[row, sl], target[row, sl] = ds.tokens_NxT[i, :n], True, ds.target_NxT[i, :n]
-        segment[row, sl] = seg
-        used += n
+        room = np.flatnonzero(used + n <= t)
+        if not len(room):
+            break
+        r = room[0]
+        segs[r] += 1
+        sl = slice(used[r], used[r] + n)
+        tokens[r, sl], mask[r, sl], target[r, sl] = ds.tokens_NxT[i, :n], True, ds.target_NxT[i, :n]
+        segment[r, sl] = segs[r]
+        used[r] += n
         index += 1
         if index == len(ds):
             epoch, index = epoch + 1, 0
