@@ -87,7 +87,7 @@ class TrainResult:
 
 
 # What decides the batches a resumed run sees (steps, lr and the like may change on resume).
-_SAME_ON_RESUME = ("seed", "batch_size", "grad_accum", "seq_len")
+_SAME_ON_RESUME = ("seed", "batch_size", "grad_accum", "seq_len", "pack")
 
 
 def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, frozen: Any,

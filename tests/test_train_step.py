@@ -294,3 +294,6 @@ def test_resume_refuses_other_batch_settings(tmp_path):
     other = dataclasses.replace(cfg, steps=4, seed=cfg.seed + 1)
     with pytest.raises(CheckpointError, match=r"seed: trained with 0, given 1"):
         trainer.train(str(tmp_path), other, losses.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds, resume=True)
+    packed = dataclasses.replace(cfg, steps=4, pack=True)
+    with pytest.raises(CheckpointError, match=r"pack: trained with False, given True"):
+        trainer.train(str(tmp_path), packed, losses.lm_loss(PlainLM(ANCHOR).apply), params, {}, ds, resume=True)
