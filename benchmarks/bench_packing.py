@@ -117,13 +117,19 @@ def main():
     frozen = {"anchor": init_params(CCFG.anchor, jax.random.key(1)),
               "augments": (init_params(CCFG.augments[0], jax.random.key(2)),)}
     state = opt.init(theta)
+    current = {"theta": theta, "state": state}
+
+    def advance(batch):  # the step donates Θ_C and its optimizer state: carry the new ones forward
+        current["theta"], current["state"], metrics = step.jitted(current["theta"], current["state"], frozen, batch)
+        return metrics
+
     for name in ("calm", "long_tail"):
         padded, packed = plans["kv_calm" if name == "calm" else name]
         fns = {}
         for kind, bs in (("padded", padded), ("packed", packed)):
             batch = {k: jax.device_put(v % CCFG.anchor.vocab_size if k == "tokens_BxT" else v)
                      for k, v in bs[0].items()}
-            fns[kind] = (lambda b=batch: step.jitted(theta, state, frozen, b))
+            fns[kind] = (lambda b=batch: advance(b))
         seconds = timed_together(fns, args.reps)
         rates = {}
         for kind, bs in (("padded", padded), ("packed", packed)):
