@@ -95,7 +95,7 @@ def ablations_markdown(task, table: dict, rows, title: str) -> str:
     a = task.anchor_set
     forgetting = (f"\nForgetting: {task.set_names[a]} of m_B {_pct(table['m_B'][a])}% before, "
                   f"{_pct(table['finetune_m_B'][a])}% after full fine-tuning on D_C "
-                  f"(CALM: {_pct(table['calm'][a])}%).\n")
+                  f"(CALM: {_pct(table['calm'][a])}%).\n") if "finetune_m_B" in rows else ""
     note = ("\nExact match of greedy generation (accuracy %); every trained row uses the same D_C and training "
             "stage. Paper (Table 5, FLORES languages better than m_B, same added parameters): CALM 175, vanilla "
             "m_A 115, random m_A 43, m_A as encoder 102, LoRA 82.\n")

@@ -306,20 +306,35 @@ _ROWS = {"calm": _calm_row, "random_m_A": _random_row, "vanilla_m_A": _vanilla_r
          **{o: _option_row for o in OPTIONS}}
 
 
+def ablation_rows(names=None) -> tuple:
+    """`names` (None: all) checked against ABLATIONS, with the reference rows m_A, m_B, calm added, in ABLATIONS' order."""
+    if names is None:
+        return ABLATIONS
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation rows {unknown}; the rows are {', '.join(ABLATIONS)}")
+    wanted = {"m_A", "m_B", "calm", *names}
+    return tuple(n for n in ABLATIONS if n in wanted)
+
+
 def ablation_row(study: Study, name: str):
     """One row of ABLATIONS: (scores per eval set, trainable parameter count, note)."""
     return _ROWS[name](study, name)
 
 
-def run_ablations(task, preset_name: str, out: str, overrides=(), workers: int | None = None) -> dict:
-    """Every ablation row into OUT/ablations; returns the ablations.json content.
+def run_ablations(task, preset_name: str, out: str, overrides=(), workers: int | None = None,
+                  rows=None) -> dict:
+    """The ablation rows (default: every one of ABLATIONS) into OUT/ablations; returns the ablations.json content.
 
     workers: rows run at once, each in its own process (default_workers: one per CPU core).
+    rows: a subset of ABLATIONS, kept in ABLATIONS' order; m_A, m_B and calm are always included
+    (they are the reference rows, and cost only their evaluation once Table 1 has run).
     """
+    rows = ablation_rows(rows)
     start = time.perf_counter()
     timer = Timer()
     study = setup(task, preset_name, out, "ablations", overrides, timer=timer)
-    workers = workers_lib.default_workers(len(ABLATIONS)) if workers is None else workers
+    workers = workers_lib.default_workers(len(rows)) if workers is None else workers
     table = {"trainable_params": {}, "notes": {}, "seconds": timer.seconds,
              "config": {**study.describe(), "eval_sizes": {s: len(r) for s, r in study.eval_sets.items()},
                         "workers": workers, "seeds": {"theta": study.preset.seeds.theta,
@@ -334,16 +349,17 @@ def run_ablations(task, preset_name: str, out: str, overrides=(), workers: int |
               + f"; {count:,} trainable; {timer.seconds[name]:.1f}s", flush=True)
         write_json(os.path.join(study.out, "ablations.json"), table)
 
-    workers_lib.run_jobs("ablations", ABLATIONS, ablation_row, _Setup(task, preset_name, out, "ablations",
+    workers_lib.run_jobs("ablations", rows, ablation_row, _Setup(task, preset_name, out, "ablations",
                                                                       tuple(overrides)),
-                         workers, timer, done, os.path.join(study.out, "logs"), order=_COST_ORDER, context=study)
+                         workers, timer, done, os.path.join(study.out, "logs"),
+                         order=[name for name in _COST_ORDER if name in rows], context=study)
     timer.seconds["total"] = round(time.perf_counter() - start, 1)
-    table = {**{name: table[name] for name in ABLATIONS}, **{k: v for k, v in table.items() if k not in ABLATIONS}}
-    table["trainable_params"] = {name: table["trainable_params"][name] for name in ABLATIONS}
-    table["notes"] = {name: table["notes"][name] for name in ABLATIONS}
-    md = report.ablations_markdown(task, table, ABLATIONS, study.title)
+    table = {**{name: table[name] for name in rows}, **{k: v for k, v in table.items() if k not in ABLATIONS}}
+    table["trainable_params"] = {name: table["trainable_params"][name] for name in rows}
+    table["notes"] = {name: table["notes"][name] for name in rows}
+    md = report.ablations_markdown(task, table, rows, study.title)
     report.write(study.out, "ablations", table, md, report.ablations_plot(
-        task, table, ABLATIONS, f"{task.title} ablations, {study.title}; total {timer.seconds['total']:.0f}s"))
+        task, table, rows, f"{task.title} ablations, {study.title}; total {timer.seconds['total']:.0f}s"))
     print(md)
     return table
 

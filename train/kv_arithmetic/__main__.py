@@ -1,7 +1,7 @@
 """Key-value arithmetic (paper §4.1, Table 1) end to end; what `make demo` runs.
 
     python -m train.kv_arithmetic [--preset default|tiny|paper] [--out runs/kv_arithmetic] [--fresh]
-                                  [--set FIELD=VALUE ...] [--ablations] [--sweep] [--seeds 0,1,2 [--train-seeds 0,1]] [--workers N]
+                                  [--set FIELD=VALUE ...] [--ablations [--rows R,R,...]] [--sweep] [--seeds 0,1,2 [--train-seeds 0,1]] [--workers N]
 
 Stages, each with a progress bar and its time (calm_jax.experiment.study.run_table1):
   data   D_KV, the three datasets, D_C (train.kv_arithmetic.task), as JSONL under OUT/data/
@@ -12,7 +12,8 @@ Stages, each with a progress bar and its time (calm_jax.experiment.study.run_tab
          KV-Arithmetic (all keys) and KV-Arithmetic (held-out keys only), exact match
 Results: OUT/table1.json, table1.md, table1.png. Trained models and Θ_C are kept: a rerun
 reuses them after checking their recipe.json, and refuses other data or settings.
---ablations: the Table 5 rows into OUT/ablations; --sweep: Θ_C per held-in key fraction into
+--ablations: the Table 5 rows (or only those --rows names, with m_A, m_B and calm) into
+OUT/ablations; --sweep: Θ_C per held-in key fraction into
 OUT/sweep; --seeds: Table 1 once per data seed into OUT/seed<S>, with mean/min/max in
 OUT/seeds.json; with --train-seeds, once per data seed and training seed T (stage seeds
 3T+1, 3T+2, 3T+3; T = 0 is the default) into OUT/data<S>-train<T>. These run their jobs
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
                         help="change the preset, e.g. train_B.steps=2250, connections='((1,3),)', "
                              "options.gate=True, seeds.theta=4 or task.seed=1 (repeatable); use a fresh --out")
     parser.add_argument("--ablations", action="store_true", help="the ablations (Table 5) into DIR/ablations")
+    parser.add_argument("--rows", metavar="R,R,...",
+                        help="with --ablations: only these rows (m_A, m_B and calm are always run), e.g. "
+                             "random_m_A,vanilla_m_A,encoder_m_A,lora_m_B,finetune_m_B")
     parser.add_argument("--sweep", action="store_true", help="the held-in key fraction sweep into DIR/sweep")
     parser.add_argument("--seeds", metavar="S,S,...",
                         help="Table 1 once per data seed (task.seed) into DIR/seed<S>, summarised in DIR/seeds.json")
@@ -69,6 +73,14 @@ def main(argv=None) -> int:
         parser.error("--train-seeds goes with --seeds")
     if train_seeds is not None and any(o.startswith("seeds.") for o in args.overrides):
         parser.error("--train-seeds sets the stage seeds: drop --set seeds.*")
+    rows = None
+    if args.rows is not None:
+        if not args.ablations:
+            parser.error("--rows goes with --ablations")
+        try:
+            rows = study.ablation_rows([r for r in args.rows.split(",") if r])
+        except ValueError as e:
+            parser.error(str(e))
     if seeds is not None:
         if args.ablations or args.sweep:
             parser.error("--seeds runs Table 1 per seed; run --ablations or --sweep separately")
@@ -82,7 +94,7 @@ def main(argv=None) -> int:
         study.run_seeds(TASK, args.preset, args.out, seeds, args.overrides, args.workers, train_seeds)
     elif args.ablations or args.sweep:
         if args.ablations:
-            study.run_ablations(TASK, args.preset, args.out, args.overrides, args.workers)
+            study.run_ablations(TASK, args.preset, args.out, args.overrides, args.workers, rows)
         if args.sweep:
             study.run_sweep(TASK, args.preset, args.out, args.overrides, args.workers)
     else:
