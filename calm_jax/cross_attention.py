@@ -77,7 +77,8 @@ class CrossAttention(nn.Module):
                                                     self.dtype))
 
     def keys_values(self, h_BxSxE, pos_BxS=None):
-        """Augmenting layer output h_BxSxE (E = D_A) -> (k_BxSxHxK, v_BxSxHxK) of f_proj(h).
+        """Augmenting layer output h_BxSxE (E = D_A) -> (k_BxHxSxK, v_BxHxSxK) of f_proj(h),
+        head-major as the self-attention cache keeps them (calm_jax.model.KVCache).
 
         pos_BxS: the tokens' positions (used with options.cross_rope only).
         """
@@ -85,16 +86,16 @@ class CrossAttention(nn.Module):
         p_BxSxD = self.proj(h_BxSxE.astype(self.dtype))
         k_BxSxHxK = self._rotate(self.k(p_BxSxD).reshape(b, s, self.num_heads, self.head_dim), pos_BxS)
         v_BxSxHxK = self.v(p_BxSxD).reshape(b, s, self.num_heads, self.head_dim)
-        return k_BxSxHxK, v_BxSxHxK
+        return k_BxSxHxK.swapaxes(1, 2), v_BxSxHxK.swapaxes(1, 2)
 
-    def attend(self, h_BxTxD, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, pos_BxT=None):
+    def attend(self, h_BxTxD, k_BxHxSxK, v_BxHxSxK, mask_BxTxS, pos_BxT=None):
         """The term added to the anchor stream h_BxTxD. Rows with no allowed key give exactly 0."""
         b, t, _ = h_BxTxD.shape
         x_BxTxD = h_BxTxD.astype(self.dtype)
         if self.options.query_norm:
             x_BxTxD = self.query_norm(x_BxTxD)
         q_BxTxHxK = self._rotate(self.q(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim), pos_BxT)
-        out_BxTxHxK = multihead_attention(q_BxTxHxK, k_BxSxHxK.astype(self.dtype), v_BxSxHxK.astype(self.dtype),
+        out_BxTxHxK = multihead_attention(q_BxTxHxK, k_BxHxSxK.astype(self.dtype), v_BxHxSxK.astype(self.dtype),
                                           mask_BxTxS, self.head_dim ** -0.5)
         out_BxTxD = self.o(out_BxTxHxK.reshape(b, t, -1))
         if self.options.gate:

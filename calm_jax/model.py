@@ -50,7 +50,9 @@ _ACTIVATIONS = {
 class KVCache:
     """Per-layer keys/values for S slots, written left to right from `index`."""
 
-    k: tuple  # per layer: k_BxSxGxK (G = kv heads, K = head dim)
+    # Per layer k_BxGxSxK / v_BxGxSxK (G = kv heads, K = head dim): head-major, the layout the
+    # attention's batched matmuls read, so a decode step never transposes the whole cache.
+    k: tuple
     v: tuple
     valid_BxS: jax.Array  # slot holds a real (non-padding) token
     pos_BxS: jax.Array  # RoPE position of the token in each slot
@@ -80,7 +82,7 @@ def accum_dtype(dtype) -> jnp.dtype:
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
     """An empty cache of `length` slots. Decoding must not write past `length`."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    valid_BxS=jnp.zeros((batch, length), bool), pos_BxS=jnp.zeros((batch, length), jnp.int32),
@@ -100,30 +102,32 @@ Q_CHUNK = 512
 Q_CHUNK_FROM = 2048
 
 
-def _attention_rows(q_BxTxGxRxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: float, logit_cap: float | None):
-    s_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+def _attention_rows(q_BxTxGxRxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS, scale: float, logit_cap: float | None):
+    s_BxGxRxTxS = jnp.einsum("btgrk,bgsk->bgrts", q_BxTxGxRxK, k_BxGxSxK,
                              preferred_element_type=accum_dtype(q_BxTxGxRxK.dtype)) * scale
     s_BxGxRxTxS = softcap(s_BxGxRxTxS, logit_cap)
     s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxRxTxS, masks.NEG_INF)
-    p_BxGxRxTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
-    return jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxSxGxK)
+    p_BxGxRxTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxGxSxK.dtype)
+    return jnp.einsum("bgrts,bgsk->btgrk", p_BxGxRxTxS, v_BxGxSxK)
 
 
-def multihead_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: float, logit_cap: float | None = None,
+def multihead_attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS, scale: float, logit_cap: float | None = None,
                         q_chunk: int | None = None):
     """Grouped-query attention with scores and softmax in `accum_dtype`. Returns out_BxTxHxK.
+
+    Keys and values are head-major (k_BxGxSxK), the layout of the KV cache (`KVCache`).
 
     logit_cap: soft-caps the scaled scores (before the mask), as Gemma 2 does.
     q_chunk: queries per chunk (a checkpointed loop over chunks; see Q_CHUNK); None: Q_CHUNK
       when T >= Q_CHUNK_FROM, else all at once. Same result either way.
     """
     b, t, h, kd = q_BxTxHxK.shape
-    g = k_BxSxGxK.shape[2]
+    g = k_BxGxSxK.shape[1]
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kd)
     if q_chunk is None:
         q_chunk = Q_CHUNK if t >= Q_CHUNK_FROM else t
     if q_chunk >= t:
-        out_BxTxGxRxK = _attention_rows(q_BxTxGxRxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, logit_cap)
+        out_BxTxGxRxK = _attention_rows(q_BxTxGxRxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS, scale, logit_cap)
         return out_BxTxGxRxK.reshape(b, t, h, kd)
     n = -(-t // q_chunk)
     pad = n * q_chunk - t  # padded query rows attend nothing (uniform softmax) and are dropped
@@ -134,7 +138,7 @@ def multihead_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale: floa
     @jax.checkpoint
     def chunk(args):
         q_BxCxGxRxK, mask_BxCxS = args
-        return _attention_rows(q_BxCxGxRxK, k_BxSxGxK, v_BxSxGxK, mask_BxCxS, scale, logit_cap)
+        return _attention_rows(q_BxCxGxRxK, k_BxGxSxK, v_BxGxSxK, mask_BxCxS, scale, logit_cap)
 
     out_NxBxCxGxRxK = jax.lax.map(chunk, (q_NxBxCxGxRxK, mask_NxBxCxS))
     return out_NxBxCxGxRxK.swapaxes(0, 1).reshape(b, n * q_chunk, h, kd)[:, :t]
@@ -272,14 +276,15 @@ class Attention(nn.Module):
         if rope is not None:
             q_BxTxHxK = apply_rope(q_BxTxHxK, *rope)
             k_BxTxGxK = apply_rope(k_BxTxGxK, *rope)
+        k_BxGxSxK, v_BxGxSxK = k_BxTxGxK.swapaxes(1, 2), v_BxTxGxK.swapaxes(1, 2)
         new_kv = None
-        if kv is not None:
+        if kv is not None:  # this call's T keys written into the cache's S slots at `index`
             k_cache, v_cache = kv
-            k_BxTxGxK = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxGxK.astype(k_cache.dtype), index, axis=1)
-            v_BxTxGxK = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxGxK.astype(v_cache.dtype), index, axis=1)
-            new_kv = (k_BxTxGxK, v_BxTxGxK)
-        out_BxTxHxK = multihead_attention(q_BxTxHxK, k_BxTxGxK.astype(q_BxTxHxK.dtype),
-                                          v_BxTxGxK.astype(q_BxTxHxK.dtype), mask_BxTxS, cfg.scale,
+            k_BxGxSxK = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxGxSxK.astype(k_cache.dtype), index, axis=2)
+            v_BxGxSxK = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxGxSxK.astype(v_cache.dtype), index, axis=2)
+            new_kv = (k_BxGxSxK, v_BxGxSxK)
+        out_BxTxHxK = multihead_attention(q_BxTxHxK, k_BxGxSxK.astype(q_BxTxHxK.dtype),
+                                          v_BxGxSxK.astype(q_BxTxHxK.dtype), mask_BxTxS, cfg.scale,
                                           cfg.attn_softcap)
         out_BxTxD = _dense(cfg, x_BxTxD.shape[-1], cfg.o_bias, "o")(out_BxTxHxK.reshape(b, t, -1))
         return out_BxTxD, new_kv

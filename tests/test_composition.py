@@ -203,8 +203,8 @@ def test_theta_shapes_and_count_at_peer_shapes():
     out = jax.eval_shape(functools.partial(composed_forward, ccfg), params, tokens)
     chex.assert_shape(out.logits_BxTxV, (8, 128, 512))
     cache = jax.eval_shape(lambda: init_composed_cache(ccfg, 8, 160))
-    chex.assert_shape(cache.anchor.k, [(8, 160, 8, 64)] * 8)
-    chex.assert_shape(cache.cross_k[0] + cache.cross_v[0], [(8, 160, 8, 64)] * 4)
+    chex.assert_shape(cache.anchor.k, [(8, 8, 160, 64)] * 8)
+    chex.assert_shape(cache.cross_k[0] + cache.cross_v[0], [(8, 8, 160, 64)] * 4)
     chex.assert_shape(cache.augments[0].valid_BxS, (8, 160))
     step = jax.eval_shape(functools.partial(composed_forward, ccfg), params, jax.ShapeDtypeStruct((8, 1), jnp.int32),
                           cache=cache)
@@ -436,7 +436,7 @@ def test_cached_iterative_equals_uncached(params, decode_batch):
     # Cross k/v already written are never rewritten.
     for m in range(2):
         for before, after in zip(caches[0].cross_k[m], last.cross_k[m]):
-            np.testing.assert_array_equal(before[:, :PROMPT], after[:, :PROMPT])
+            np.testing.assert_array_equal(before[:, :, :PROMPT], after[:, :, :PROMPT])  # k_BxHxSxK
 
 
 def test_float32_forward_and_cache_match_the_float64_reference(decode_batch):
@@ -511,12 +511,12 @@ def test_composed_lm_interface():
     assert lm.max_positions == 48  # the smallest of the three models'
     cache = lm.init_cache(2, 10)
     chex.assert_shape(cache.anchor.valid_BxS, (2, 10))
-    chex.assert_shape(cache.cross_k[1], [(2, 10, 4, 8)] * 2)
+    chex.assert_shape(cache.cross_k[1], [(2, 4, 10, 8)] * 2)
     # Augmenting layers after the last tapped one never run, so they hold no slots.
-    chex.assert_shape(cache.augments[0].k, [(2, 10, 1, 8)] * 8)
-    chex.assert_shape(cache.augments[1].k, [(2, 10, 4, 6)] * 4)
+    chex.assert_shape(cache.augments[0].k, [(2, 1, 10, 8)] * 8)
+    chex.assert_shape(cache.augments[1].k, [(2, 4, 10, 6)] * 4)
     ccfg = CompositionConfig(ANCHOR, (AUG_LLAMA,), connections=(((1, 0), (3, 2)),))
-    chex.assert_shape(init_composed_cache(ccfg, 2, 10).augments[0].k, [(2, 10, 1, 8)] * 4 + [(2, 0, 1, 8)] * 4)
+    chex.assert_shape(init_composed_cache(ccfg, 2, 10).augments[0].k, [(2, 1, 10, 8)] * 4 + [(2, 1, 0, 8)] * 4)
 
 
 ROPE_CCFG = dataclasses.replace(CCFG, options=CompositionOptions(cross_rope=True))

@@ -194,7 +194,7 @@ def test_public_function_shapes(models):
     b, t, s = 2, 5, 9
     tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
     cache = model.init_cache(cfg, b, s)
-    chex.assert_shape(cache.k + cache.v, (b, s, cfg.num_kv_heads, cfg.head_dim))
+    chex.assert_shape(cache.k + cache.v, (b, cfg.num_kv_heads, s, cfg.head_dim))  # head-major
     chex.assert_shape([cache.valid_BxS, cache.pos_BxS], (b, s))
     out = jax.eval_shape(lambda p, x, c: model.forward(cfg, p, x, taps=(0, 2), cache=c), ours.params, tokens, cache)
     chex.assert_shape(out.logits_BxTxV, (b, t, cfg.vocab_size))
@@ -205,7 +205,7 @@ def test_public_function_shapes(models):
     chex.assert_trees_all_equal_shapes_and_dtypes(model.param_shapes(cfg), ours.params)
 
     q = jnp.ones((b, t, cfg.num_heads, cfg.head_dim))
-    kv = jnp.ones((b, s, cfg.num_kv_heads, cfg.head_dim))
+    kv = jnp.ones((b, cfg.num_kv_heads, s, cfg.head_dim))
     mask_BxTxS = masks.attention_mask(jnp.arange(t) + 4, jnp.arange(s), jnp.ones((b, s), bool))
     chex.assert_shape(mask_BxTxS, (b, t, s))
     chex.assert_shape(model.multihead_attention(q, kv, kv, mask_BxTxS, cfg.scale), (b, t, cfg.num_heads, cfg.head_dim))
@@ -247,7 +247,7 @@ def test_llama2_7b_traced_without_allocating():
                          jax.ShapeDtypeStruct((2, 16), jnp.int32), cache)
     chex.assert_shape(out.logits_BxTxV, (2, 16, 32000))
     chex.assert_shape([out.taps[7], out.taps[31]], (2, 16, 4096))
-    chex.assert_shape(out.cache.k, (2, 64, 32, 128))
+    chex.assert_shape(out.cache.k, (2, 32, 64, 128))
     assert len(out.cache.k) == 32
 
 
@@ -272,7 +272,7 @@ def test_query_chunked_attention_is_the_same_function(q_chunk):
     b, t, s, h, g, k = 2, 13, 13, 4, 2, 8
     rng = np.random.default_rng(0)
     with numerics.float64():
-        q, kk, v = (jnp.asarray(rng.normal(size=shape)) for shape in ((b, t, h, k), (b, s, g, k), (b, s, g, k)))
+        q, kk, v = (jnp.asarray(rng.normal(size=shape)) for shape in ((b, t, h, k), (b, g, s, k), (b, g, s, k)))
         valid_BxS = jnp.asarray(rng.random((b, s)) > 0.25)
         pos_BxT = masks.positions_from_mask(valid_BxS)
         mask_BxTxS = masks.attention_mask(jnp.arange(t), jnp.arange(s), valid_BxS, pos_BxT, pos_BxT, window=5)

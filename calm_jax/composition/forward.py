@@ -24,7 +24,7 @@ class ComposedCache:
     anchor: the anchor's KVCache. augments: one KVCache per augmenting model; its
     valid_BxS also marks which cross-attention slots are filled (the same tokens go
     through the augmenting model and into its cross k/v), so no copy is kept here.
-    cross_k, cross_v: per augmenting model, per connection, k/v_BxSxHxK of f_proj of the
+    cross_k, cross_v: per augmenting model, per connection, k/v_BxHxSxK of f_proj of the
     tapped augmenting state, per slot; written once per token, never recomputed.
     augments_done: static; True once the encoder-mode prefill has run.
     """
@@ -49,10 +49,10 @@ def init_composed_cache(ccfg: CompositionConfig, batch: int, length: int) -> Com
         # Layers after the last tap never run (logits=False), so their slots need no memory.
         # Distinct arrays, not one repeated: a donated cache must not hold a buffer twice.
         def empty():
-            return tuple(jnp.zeros((batch, 0, aug.num_kv_heads, aug.head_dim), c.k[0].dtype)
+            return tuple(jnp.zeros((batch, aug.num_kv_heads, 0, aug.head_dim), c.k[0].dtype)
                          for _ in range(aug.num_layers - last - 1))
         augments.append(c.replace(k=c.k[:last + 1] + empty(), v=c.v[:last + 1] + empty()))
-    kv = tuple(tuple(jnp.zeros((batch, length, ccfg.num_heads, ccfg.head_dim), ccfg.dtype) for _ in pairs)
+    kv = tuple(tuple(jnp.zeros((batch, ccfg.num_heads, length, ccfg.head_dim), ccfg.dtype) for _ in pairs)
                for pairs in ccfg.connections)
     return ComposedCache(anchor=init_cache(ccfg.anchor, batch, length), augments=tuple(augments),
                          cross_k=kv, cross_v=jax.tree.map(jnp.copy, kv))
@@ -132,7 +132,7 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
             if kv is None:
                 kv = list(zip(cache.cross_k[m], cache.cross_v[m]))
             else:
-                kv = [tuple(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), cache.anchor.index, 1)
+                kv = [tuple(jax.lax.dynamic_update_slice_in_dim(old, x.astype(old.dtype), cache.anchor.index, 2)
                             for old, x in zip(olds, new))
                       for olds, new in zip(zip(cache.cross_k[m], cache.cross_v[m]), kv)]
             new_aug_caches.append(aug_cache)
@@ -140,8 +140,8 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
             new_v.append(tuple(v for _, v in kv))
         seg = {} if segments_BxT is None else {"q_seg_BxT": segments_BxT, "k_seg_BxS": segments_BxT}
         mask_BxTxS = masks.attention_mask(q_slot_T, k_slot_S, kv_valid_BxS, **seg)
-        for p, (_, j), (k_BxSxHxK, v_BxSxHxK) in zip(conn_params, pairs, kv):
-            terms.setdefault(j, []).append((module, p, k_BxSxHxK, v_BxSxHxK, mask_BxTxS))
+        for p, (_, j), (k_BxHxSxK, v_BxHxSxK) in zip(conn_params, pairs, kv):
+            terms.setdefault(j, []).append((module, p, k_BxHxSxK, v_BxHxSxK, mask_BxTxS))
 
     def hook(j):
         def add_cross(h_BxTxD):
