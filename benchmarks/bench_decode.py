@@ -23,8 +23,21 @@ weights). FLOPs: each layer's matmuls and attention at that length, the head, Θ
 times, summed over the new tokens' steps (the prefill counted as the prompt's tokens' FLOPs);
 each variant's `fraction_of_roofline` is that limit over its measured time.
 
+The weight matmuls' own ceiling (`matmul_ceiling` lines): every weight matmul of one anchor
+decode step (q, k, v, o, gate, up, down of each layer, then the head) on `batch` rows, chained
+in one jitted function with nothing else, timed in the same rounds; `weights_gb_s` is the
+weight bytes it reads over its time. That is what XLA's dot reaches on skinny (batch-row)
+matmuls on this machine, against `read_gb_s` for a plain reduction. Each variant's
+`fraction_of_matmul_ceiling` is the anchor-step ceiling times its steps over its measured time
+(the anchor's weights only, so a composed variant's figure is a lower bound).
+
+Breakdown (`breakdown` lines; `--no-breakdown` skips it): one more decode of each cached
+variant under XLA's profiler, its op time grouped by what each op does (weight matmuls,
+attention, cache writes, layout copies, other; `benchmarks/op_profile.py`), in ms per
+generated step and as shares.
+
     python benchmarks/bench_decode.py [--reps 5] [--batch 8] [--prompt 32] [--new 96] [--augments 1]
-        [--skip-nocache]   (the no-cache baseline takes minutes per rep on 2 CPU cores)
+        [--skip-nocache]   (the no-cache baseline takes minutes per rep on 2 CPU cores) [--no-breakdown]
 """
 
 from __future__ import annotations
@@ -46,6 +59,8 @@ from calm_jax import decoding  # noqa: E402
 from calm_jax.config import ModelConfig  # noqa: E402
 from calm_jax.model import PlainLM, init_params  # noqa: E402
 from calm_jax.plan import layer_flops  # noqa: E402
+
+import op_profile  # noqa: E402  (benchmarks/op_profile.py)
 
 ANCHOR = ModelConfig(family="llama", vocab_size=512, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
                      head_dim=64, intermediate_size=1408, max_positions=512)
@@ -101,6 +116,27 @@ def roofline_s(variant: str, ccfg, b: int, prompt: int, new: int, read_b_s: floa
     return {"roofline_s": limit, "bytes_per_step": total_bytes / (new - 1), "flops_per_step": total_flops / (new - 1)}
 
 
+def anchor_step_matmuls(cfg: ModelConfig, params, b: int):
+    """(fn, args, weight bytes): one decode step's weight matmuls of `cfg` on b rows, chained."""
+    names = ("q", "k", "v", "o", "gate", "up", "down")
+    weights = [params[f"layers_{i}"]["mlp" if n in ("gate", "up", "down") else "attn"][n]["kernel"]
+               for i in range(cfg.num_layers) for n in names] + [params["lm_head"]["kernel"]]
+
+    @jax.jit
+    def chain(weights, x_BxD):
+        h_BxD = x_BxD
+        for layer in range(cfg.num_layers):
+            q, k, v, o, gate, up, down = weights[7 * layer:7 * layer + 7]
+            # The shapes of one step, without attention; k and v kept live through a sum.
+            kv_Bx1 = jnp.sum(h_BxD @ k, -1, keepdims=True) + jnp.sum(h_BxD @ v, -1, keepdims=True)
+            h_BxD = h_BxD + (h_BxD @ q) @ o + 1e-3 * kv_Bx1
+            h_BxD = h_BxD + (jax.nn.silu(h_BxD @ gate) * (h_BxD @ up)) @ down
+        return h_BxD @ weights[-1]
+
+    x_BxD = jnp.ones((b, cfg.hidden_size), jnp.float32)
+    return (lambda: chain(weights, x_BxD)), sum(w.size * w.dtype.itemsize for w in weights)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -109,6 +145,7 @@ def main():
     parser.add_argument("--new", type=int, default=96)
     parser.add_argument("--augments", type=int, default=1, help="number of augmenting models (peer shape: 1)")
     parser.add_argument("--skip-nocache", action="store_true", help="leave out the (slow) no-cache baseline")
+    parser.add_argument("--no-breakdown", action="store_true", help="leave out the profiled op breakdown")
     args = parser.parse_args()
 
     ccfg = comp.CompositionConfig(anchor=ANCHOR, augments=(AUGMENT,) * args.augments)
@@ -150,7 +187,8 @@ def main():
     read = jax.jit(jnp.sum)
     mat = jax.random.normal(jax.random.key(0), (2048, 2048))
     matmul = jax.jit(lambda x: x @ x)
-    probes = {"read_1gib": lambda: read(big), "matmul_2048": lambda: matmul(mat)}
+    step_matmuls, weight_bytes = anchor_step_matmuls(ANCHOR, anchor_params, args.batch)
+    probes = {"read_1gib": lambda: read(big), "matmul_2048": lambda: matmul(mat), "step_matmuls": step_matmuls}
     for probe in probes.values():
         jax.block_until_ready(probe())
     times = {name: [] for name in (*variants, *probes)}
@@ -170,8 +208,13 @@ def main():
     median = {name: statistics.median(t) for name, t in times.items()}
     read_b_s = big.size * F32 / median.pop("read_1gib")
     flops_s = 2 * 2048 ** 3 / median.pop("matmul_2048")
+    ceiling_step_s = median.pop("step_matmuls")
     print(json.dumps({"bench": "decode", "rates": "measured", "read_gb_s": round(read_b_s / 1e9, 2),
                       "matmul_gflops_s": round(flops_s / 1e9, 2), **shape}))
+    print(json.dumps({"bench": "decode", "matmul_ceiling": "anchor step's weight matmuls alone",
+                      "ms_per_step": round(1e3 * ceiling_step_s, 3), "weight_mb": round(weight_bytes / 1e6, 1),
+                      "weights_gb_s": round(weight_bytes / ceiling_step_s / 1e9, 2),
+                      "fraction_of_read_bandwidth": round(weight_bytes / ceiling_step_s / read_b_s, 3), **shape}))
     for name, t in median.items():
         line = {"bench": "decode", "variant": name, "new_tokens_per_s": round(new_tokens / t, 1),
                 "median_s": round(t, 4), "min_s": round(min(times[name]), 4), **shape}
@@ -179,10 +222,23 @@ def main():
             roof = roofline_s(name, ccfg, args.batch, args.prompt, args.new, read_b_s, flops_s)
             line.update(roofline_s=round(roof["roofline_s"], 4), fraction_of_roofline=round(roof["roofline_s"] / t, 3),
                         mb_per_step=round(roof["bytes_per_step"] / 1e6, 1),
-                        gflop_per_step=round(roof["flops_per_step"] / 1e9, 3))
+                        gflop_per_step=round(roof["flops_per_step"] / 1e9, 3),
+                        fraction_of_matmul_ceiling=round(args.new * ceiling_step_s / t, 3))
         print(json.dumps(line))
+    if not args.no_breakdown:
+        for name, (model, params, cache) in variants.items():
+            if not cache:
+                continue
+            hlo = decoding.decode.lower(model, params, tokens, mask, no_stop, jax.random.key(0),
+                                        max_new_tokens=args.new).compile().as_text()
+            b = op_profile.breakdown(lambda: run(name), hlo)
+            total = sum(b["op_s"].values())
+            print(json.dumps({"bench": "decode", "breakdown": name, "wall_ms_per_step": round(1e3 * b["wall_s"] / args.new, 3),
+                              "op_ms_per_step": {g: round(1e3 * v / args.new, 3) for g, v in b["op_s"].items()},
+                              "share": {g: round(v / total, 3) for g, v in b["op_s"].items()}, "ops": b["ops"],
+                              "note": "op time summed over XLA's threads; one profiled run", **shape}))
     ratios = {
-        "composed_iterative_over_anchor": (median["anchor"] / median["composed_iterative"], 0.6),
+        "composed_iterative_over_anchor": (median["anchor"] / median["composed_iterative"], 0.65),
         "composed_encoder_over_anchor": (median["anchor"] / median["composed_encoder"], None),
     }
     if "composed_iterative_nocache" in median:

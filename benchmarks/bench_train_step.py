@@ -4,7 +4,8 @@
 
 Prints JSON lines: the matmul reference, the step (tokens/s, FLOPs, fraction of the limit),
 a breakdown (composed forward, each frozen model's forward alone) to show where the time
-goes, and memory: the compiled step's own temporaries (activations) next to the frozen
+goes, the step's op time by group from XLA's profiler (`benchmarks/op_profile.py`: weight
+matmuls, attention, cache writes, layout copies, other), and memory: the compiled step's own temporaries (activations) next to the frozen
 weights' size, and the bytes of all live arrays (frozen weights held once: live = frozen +
 Θ_C and its optimizer state + batch), with peak RSS for context. All timings from one run:
 warm-up first, median of --reps, block_until_ready.
@@ -32,6 +33,8 @@ from calm_jax.composition import ComposedLM, CompositionConfig, init_theta, para
 from calm_jax.config import ModelConfig  # noqa: E402
 from calm_jax.model import forward, init_params  # noqa: E402
 from calm_jax.plan import layer_flops, step_flops  # noqa: E402  (the FLOP count the planner reports too)
+
+import op_profile  # noqa: E402  (benchmarks/op_profile.py)
 
 # Peer shapes. The augmenting MLP width is not given there: 704 keeps the anchor's ratio (2.75).
 ANCHOR = ModelConfig(family="llama", vocab_size=512, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
@@ -141,6 +144,12 @@ def main():
                       "step_seconds": step_s, "backward_and_update_seconds": step_s - parts["composed_loss"],
                       "anchor_forward_fraction_of_limit": anchor_fwd_flops / matmul_flops_s / parts["anchor_forward"]}),
           flush=True)
+
+    ops = op_profile.breakdown(run_step, compiled.as_text())
+    total_op_s = sum(ops["op_s"].values())
+    print(json.dumps({"bench": "composed_train_step_ops", **common, "wall_seconds": ops["wall_s"],
+                      "op_seconds": ops["op_s"], "share": {g: v / total_op_s for g, v in ops["op_s"].items()},
+                      "ops": ops["ops"], "note": "op time summed over XLA's threads; one profiled step"}), flush=True)
 
     # Memory: what the compiled step holds besides its inputs, and every array alive now.
     theta_mib = sum(x.nbytes for x in jax.tree.leaves((carry["theta"], carry["state"]))) / 2 ** 20
