@@ -116,27 +116,6 @@ def roofline_s(variant: str, ccfg, b: int, prompt: int, new: int, read_b_s: floa
     return {"roofline_s": limit, "bytes_per_step": total_bytes / (new - 1), "flops_per_step": total_flops / (new - 1)}
 
 
-def anchor_step_matmuls(cfg: ModelConfig, params, b: int):
-    """(fn, args, weight bytes): one decode step's weight matmuls of `cfg` on b rows, chained."""
-    names = ("q", "k", "v", "o", "gate", "up", "down")
-    weights = [params[f"layers_{i}"]["mlp" if n in ("gate", "up", "down") else "attn"][n]["kernel"]
-               for i in range(cfg.num_layers) for n in names] + [params["lm_head"]["kernel"]]
-
-    @jax.jit
-    def chain(weights, x_BxD):
-        h_BxD = x_BxD
-        for layer in range(cfg.num_layers):
-            q, k, v, o, gate, up, down = weights[7 * layer:7 * layer + 7]
-            # The shapes of one step, without attention; k and v kept live through a sum.
-            kv_Bx1 = jnp.sum(h_BxD @ k, -1, keepdims=True) + jnp.sum(h_BxD @ v, -1, keepdims=True)
-            h_BxD = h_BxD + (h_BxD @ q) @ o + 1e-3 * kv_Bx1
-            h_BxD = h_BxD + (jax.nn.silu(h_BxD @ gate) * (h_BxD @ up)) @ down
-        return h_BxD @ weights[-1]
-
-    x_BxD = jnp.ones((b, cfg.hidden_size), jnp.float32)
-    return (lambda: chain(weights, x_BxD)), sum(w.size * w.dtype.itemsize for w in weights)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -187,7 +166,7 @@ def main():
     read = jax.jit(jnp.sum)
     mat = jax.random.normal(jax.random.key(0), (2048, 2048))
     matmul = jax.jit(lambda x: x @ x)
-    step_matmuls, weight_bytes = anchor_step_matmuls(ANCHOR, anchor_params, args.batch)
+    step_matmuls, _, weight_bytes = op_profile.weight_matmuls(ANCHOR, anchor_params, args.batch, head=True)
     probes = {"read_1gib": lambda: read(big), "matmul_2048": lambda: matmul(mat), "step_matmuls": step_matmuls}
     for probe in probes.values():
         jax.block_until_ready(probe())

@@ -110,12 +110,16 @@ def main():
         carry["theta"], carry["state"], m = step(carry["theta"], carry["state"], frozen, batch)
         return m["loss"]
 
-    both = timed_together({"matmul": lambda: mm(x), "step": run_step}, args.reps)
+    shapes_fn, shapes_flops, _ = op_profile.weight_matmuls(ANCHOR, frozen["anchor"], b * t)
+    both = timed_together({"matmul": lambda: mm(x), "step": run_step, "shapes": shapes_fn}, args.reps)
     mm_s, step_s = both["matmul"], both["step"]
-    del x, both
+    del x
     matmul_flops_s = 2 * n ** 3 / mm_s
     print(json.dumps({"bench": "matmul_2048_fp32", **common, "seconds": mm_s, "gflops_s": matmul_flops_s / 1e9}),
           flush=True)
+    print(json.dumps({"bench": "matmul_layer_shapes_fp32", **common, "rows": b * t, "seconds": both["shapes"],
+                      "gflops_s": shapes_flops / both["shapes"] / 1e9,
+                      "fraction_of_2048_rate": shapes_flops / both["shapes"] / matmul_flops_s}), flush=True)
     flops = step_flops(CCFG, b, t)
     total = sum(flops.values())
     compiled = step.jitted.lower(carry["theta"], carry["state"], frozen, batch).compile()

@@ -13,6 +13,9 @@ compiled HLO), looks up each instruction's `op_name` in `hlo_text` (the compiled
 
 Times are op time summed over XLA's threads (ops run side by side on a 2-core machine), so
 the groups' shares are what counts; `wall_s` is the same run's wall time.
+
+`weight_matmuls(cfg, params, rows)` is the matching ceiling: a model's weight matmuls alone,
+at the row count a step gives them, for the rate XLA's dot reaches at those shapes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 
 GROUPS = ("weight matmuls", "attention", "cache writes", "layout copies", "other")
 _WEIGHTS = re.compile(r"/(q|k|v|o|up|gate|down|lm_head|proj|embed)/dot_general")
@@ -76,3 +80,25 @@ def breakdown(run, hlo_text: str) -> dict:
         op_s[group(names[name], name)] += e["dur"] / 1e6
         count += 1
     return {"wall_s": wall, "op_s": {g: op_s.get(g, 0.0) for g in GROUPS}, "ops": count}
+
+
+def weight_matmuls(cfg, params, rows: int, head: bool = False):
+    """(fn, FLOPs, weight bytes): every layer's weight matmuls of a Llama-style `cfg` (q, k, v, o,
+    gate, up, down; then the head when `head`) on `rows` rows, chained with nothing else between
+    them (no attention, no norms): the shapes a forward pass gives XLA's dot."""
+    names = ("q", "k", "v", "o", "gate", "up", "down")
+    weights = [params[f"layers_{i}"]["mlp" if n in ("gate", "up", "down") else "attn"][n]["kernel"]
+               for i in range(cfg.num_layers) for n in names] + ([params["lm_head"]["kernel"]] if head else [])
+
+    @jax.jit
+    def chain(weights, h_RxD):
+        for layer in range(cfg.num_layers):
+            q, k, v, o, gate, up, down = weights[7 * layer:7 * layer + 7]
+            kv_Rx1 = jnp.sum(h_RxD @ k, -1, keepdims=True) + jnp.sum(h_RxD @ v, -1, keepdims=True)  # k, v kept live
+            h_RxD = h_RxD + (h_RxD @ q) @ o + 1e-3 * kv_Rx1
+            h_RxD = h_RxD + (jax.nn.silu(h_RxD @ gate) * (h_RxD @ up)) @ down
+        return h_RxD @ weights[-1] if head else h_RxD
+
+    h_RxD = jnp.ones((rows, cfg.hidden_size), jnp.float32)
+    flops = 2 * rows * sum(w.size for w in weights)
+    return (lambda: chain(weights, h_RxD)), flops, sum(w.size * w.dtype.itemsize for w in weights)

@@ -5,6 +5,8 @@ stream that resumes exactly.
 Identities run in float64 (tests/numerics.py says why they hold on any machine).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,11 @@ from tests.numerics import assert_identity
 from tests.test_composition import ANCHOR, AUG_GPT2, AUG_LLAMA, CCFG, V, _frozen_params
 
 T = 24  # slots per row
+
+# Jitted: the same functions, compiled once per shape instead of dispatched op by op.
+COMPOSED = jax.jit(functools.partial(composed_forward, CCFG))
+ANCHOR_FWD = jax.jit(functools.partial(forward, ANCHOR))
+NEXT_TOKEN_LOSS = jax.jit(losses.next_token_loss)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,12 +112,11 @@ def test_packed_batch_gives_the_same_losses_and_theta_gradient(params):
         assert_identity(a, b, err_msg=jax.tree_util.keystr(path))
 
     # Per example: the composition's and the anchor alone's next-token losses.
-    comp_p = composed_forward(CCFG, params, packed["tokens_BxT"], packed["mask_BxT"],
-                              segments_BxT=packed["segment_BxT"]).logits_BxTxV
-    comp_u = composed_forward(CCFG, params, unpacked["tokens_BxT"], unpacked["mask_BxT"]).logits_BxTxV
-    anch_p = forward(ANCHOR, params["anchor"], packed["tokens_BxT"], packed["mask_BxT"],
-                     segments_BxT=packed["segment_BxT"]).logits_BxTxV
-    anch_u = forward(ANCHOR, params["anchor"], unpacked["tokens_BxT"], unpacked["mask_BxT"]).logits_BxTxV
+    comp_p = COMPOSED(params, packed["tokens_BxT"], packed["mask_BxT"], segments_BxT=packed["segment_BxT"]).logits_BxTxV
+    comp_u = COMPOSED(params, unpacked["tokens_BxT"], unpacked["mask_BxT"]).logits_BxTxV
+    anch_p = ANCHOR_FWD(params["anchor"], packed["tokens_BxT"], packed["mask_BxT"],
+                        segments_BxT=packed["segment_BxT"]).logits_BxTxV
+    anch_u = ANCHOR_FWD(params["anchor"], unpacked["tokens_BxT"], unpacked["mask_BxT"]).logits_BxTxV
     seg, done = packed["segment_BxT"], []
     for r in range(seg.shape[0]):
         for j in range(1, seg[r].max() + 1):
@@ -118,15 +124,15 @@ def test_packed_batch_gives_the_same_losses_and_theta_gradient(params):
             k = next(k for k in range(n) if list(unpacked["tokens_BxT"][k][unpacked["mask_BxT"][k]]) == example)
             only_BxT = packed["target_BxT"] & (seg == j) & (np.arange(seg.shape[0]) == r)[:, None]
             for lp, lu in ((comp_p, comp_u), (anch_p, anch_u)):
-                got = losses.next_token_loss(lp, packed["tokens_BxT"], only_BxT, seg)
-                want = losses.next_token_loss(lu[k:k + 1], unpacked["tokens_BxT"][k:k + 1],
-                                              unpacked["target_BxT"][k:k + 1])
+                got = NEXT_TOKEN_LOSS(lp, packed["tokens_BxT"], only_BxT, seg)
+                want = NEXT_TOKEN_LOSS(lu[k:k + 1], unpacked["tokens_BxT"][k:k + 1], unpacked["target_BxT"][k:k + 1])
                 assert float(got[1]) == float(want[1]) > 0
                 assert_identity(got[0], want[0], err_msg=f"example {k} (row {r}, segment {j})")
             done.append(k)
     assert sorted(done) == list(range(n))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _value_and_grad(loss, theta, frozen, batch):
     """((loss_sum, n_tokens), d loss_sum / d Θ_C)."""
     (s, n), g = jax.value_and_grad(lambda th: loss(th, frozen, batch), has_aux=True)(theta)
@@ -144,8 +150,8 @@ def test_no_attention_crosses_a_segment(params):
     hit = seg == 2
     other[hit] = (other[hit] + 5) % (V - 3) + 3
     kw = dict(mask_BxT=packed["mask_BxT"], segments_BxT=seg)
-    before = composed_forward(CCFG, params, packed["tokens_BxT"], **kw).logits_BxTxV
-    after = composed_forward(CCFG, params, other, **kw).logits_BxTxV
+    before = COMPOSED(params, packed["tokens_BxT"], **kw).logits_BxTxV
+    after = COMPOSED(params, other, **kw).logits_BxTxV
     keep = (seg != 2) & packed["mask_BxT"]
     assert_identity(after, before, where=keep[..., None])
     assert float(jnp.abs(after - before)[hit].max()) > 1e-3
