@@ -165,6 +165,20 @@ def test_preset_overrides():
         study.get_preset(TASK, "huge")
 
 
+def test_paper_format_preset_is_the_default_without_the_scratchpad():
+    """The paper_format preset changes the output format and the connections, nothing else: its
+    KV-Arithmetic targets are the result alone, its KV-Substitution targets carry no marker."""
+    default, paper = PRESETS["default"], PRESETS["paper_format"]
+    assert paper.task == default.task.replace(scratchpad=False)
+    assert paper.connections == ((0, 0), (1, 1), (1, 2), (1, 3)) != default.connections
+    assert dataclasses.replace(paper, task=default.task, connections=default.connections) == default
+    kv = kv_task.make_kv_data(paper.task.replace(n_eval=20))
+    expr = kv.eval_all[0]
+    sub, kva = kv.record(expr, "kv_substitution"), kv.record(expr, "kv_arithmetic")
+    assert sub["target"] == kv.numeric_text(expr) and kva["target"] == kv.result_text(expr)
+    assert kva["prompt"].startswith("[KVA]") and "[NUM]" not in sub["target"] + kva["target"]
+
+
 def test_seeds_runs_table1_per_data_seed(tmp_path, capsys):
     """--seeds runs the whole pipeline once per data seed (task.seed) and reports every run with
     mean, min and max."""

@@ -1,6 +1,6 @@
 """Key-value arithmetic (paper §4.1, Table 1) end to end; what `make demo` runs.
 
-    python -m train.kv_arithmetic [--preset default|tiny|paper] [--out runs/kv_arithmetic] [--fresh]
+    python -m train.kv_arithmetic [--preset default|paper_format|tiny|paper] [--out runs/kv_arithmetic] [--fresh]
                                   [--set FIELD=VALUE ...] [--ablations [--rows R,R,...]] [--sweep] [--seeds 0,1,2 [--train-seeds 0,1]] [--workers N]
 
 Stages, each with a progress bar and its time (calm_jax.experiment.study.run_table1):
