@@ -39,8 +39,9 @@ PRESETS = {
     # (`+029`), m_A's substitution target is `07+22` and D_C never shows a value. Otherwise the
     # default's data, models and stages, with two connections more (m_A's first layer into the
     # anchor's first, its last into anchor layers 1-3): the anchor has to receive the values
-    # before the layers that do its arithmetic, not at its last two. Measured: 0.2-0.8% on
-    # held-out keys (results/kv_arithmetic/paper_format/).
+    # before the layers that do its arithmetic, not at its last two. Measured: 0.2% on held-out
+    # keys (0.8% with the default's connections, 1.0% with 9,000 Θ_C steps, which memorise D_C
+    # instead): results/kv_arithmetic/paper_format/.
     "paper_format": dataclasses.replace(DEFAULT, task=DEFAULT.task.replace(scratchpad=False),
                                         connections=((0, 0), (1, 1), (1, 2), (1, 3))),
     # Plumbing only (tests): seconds, no accuracy expected.
