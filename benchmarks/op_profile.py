@@ -5,11 +5,12 @@ reads the duration of every executed op (XLA:CPU's thunks, named as the instruct
 compiled HLO), looks up each instruction's `op_name` in `hlo_text` (the compiled module,
 `jax.jit(f).lower(...).compile().as_text()`), and sums the time per group:
 
-  weight matmuls   a dot_general with a weight (q/k/v/o, MLP, head, f_proj, cross q/k/v/o)
-  attention        the score and probability einsums and the softmax around them
+  weight matmuls   a matmul with a weight (q/k/v/o, MLP, head, f_proj, cross q/k/v/o), with
+                   what XLA fused into it
+  attention        the score and probability einsums, the softmax, RoPE and q/k norms
   cache writes     dynamic_update_slice (KV and cross-attention caches, the token buffer)
   layout copies    transposes and copies XLA inserted (a whole-cache transpose shows here)
-  other            norms, RoPE, residual adds, embedding lookup, sampling, loop bookkeeping
+  other            layer norms, residual adds, embedding lookup, sampling, loop bookkeeping
 
 Times are op time summed over XLA's threads (ops run side by side on a 2-core machine), so
 the groups' shares are what counts; `wall_s` is the same run's wall time.
@@ -33,54 +34,73 @@ import jax
 import jax.numpy as jnp
 
 GROUPS = ("weight matmuls", "attention", "cache writes", "layout copies", "other")
-_WEIGHTS = re.compile(r"/(q|k|v|o|up|gate|down|lm_head|proj|embed)/dot_general")
-_ATTENTION = re.compile(r"btgrk|bgrts|bgsk|/attn/|CrossAttention|attend")
+# By the op_name's scope: a weight's matmul, alone or fused with what consumes it.
+_WEIGHTS = re.compile(r"/(q|k|v|o|up|gate|down|lm_head|proj)/|[Ee]mbed\.attend")
+_ATTENTION = re.compile(r"/attn/|CrossAttention")
+# Control flow: their spans hold (part of) their bodies' ops, which are counted themselves.
+_CONTROL = ("while", "conditional", "call")
 
 
 def group(op_name: str, instruction: str) -> str:
-    """The group of one compiled instruction, from its op_name metadata (and its own name)."""
-    if _WEIGHTS.search(op_name):
-        return "weight matmuls"
-    if "dynamic_update_slice" in op_name or "dynamic-update-slice" in instruction:
-        return "cache writes"
+    """The group of one compiled instruction, from its own name and its op_name metadata."""
     if instruction.startswith(("transpose", "copy")):
         return "layout copies"
-    if _ATTENTION.search(op_name):
+    if "dynamic_update_slice" in op_name or "dynamic-update-slice" in instruction:
+        return "cache writes"
+    if _WEIGHTS.search(op_name):
+        return "weight matmuls"
+    if _ATTENTION.search(op_name):  # scores, softmax, weighted sum; RoPE and q/k norms of attention too
         return "attention"
     return "other"
 
 
-def op_names(hlo_text: str) -> dict:
-    """instruction name -> op_name metadata, for every instruction of the compiled module."""
+def instructions(hlo_text: str) -> tuple[str, dict]:
+    """(module name, {instruction name: (opcode, op_name or "")}) of a compiled module's text."""
+    module = re.search(r"^HloModule ([\w.\-]+)", hlo_text, re.M)
+    if module is None:
+        raise ValueError("not the text of an HLO module (no 'HloModule' line)")
     out = {}
-    for m in re.finditer(r"%([\w.\-]+) = [^\n]*?metadata=\{[^}]*op_name=\"([^\"]*)\"", hlo_text):
-        out[m.group(1)] = m.group(2)
-    return out
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\(([^\n]*)", hlo_text, re.M):
+        op_name = re.search(r'op_name="([^"]*)"', m.group(3))
+        out[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+    return module.group(1), out
 
 
 def breakdown(run, hlo_text: str) -> dict:
-    """{"wall_s", "op_s": {group: seconds}, "ops": count} of one call of `run` (already compiled)."""
-    names = op_names(hlo_text)
+    """{"wall_s", "op_s": {group: seconds}, "ops": count} of one call of `run` (already compiled),
+    counting only the ops of the module `hlo_text` (its events carry its name)."""
+    module, names = instructions(hlo_text)
     with tempfile.TemporaryDirectory() as d:
-        start = time.perf_counter()
         with jax.profiler.trace(d, create_perfetto_trace=True):
+            start = time.perf_counter()
             jax.block_until_ready(run())
-        wall = time.perf_counter() - start
-        files = glob.glob(os.path.join(d, "**", "*.json.gz"), recursive=True)
+            wall = time.perf_counter() - start
+        files = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
         if not files:
-            raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {d}")
+            raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {d}")
         with gzip.open(files[0]) as f:
             trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    # An op that finishes on another thread has an "end: NAME" event at its completion.
+    spans, open_ = [], collections.defaultdict(list)
+    for e in sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"]):
+        args, name = e.get("args", {}), e.get("name", "")
+        if args.get("hlo_module") == module and name in names:
+            spans.append([name, e["ts"], e["ts"] + e["dur"]])
+            open_[name].append(spans[-1])
+        elif name.startswith("end: ") and open_.get(name[5:]):
+            span = open_[name[5:]].pop()
+            span[2] = max(span[2], e["ts"] + e["dur"])
     op_s, count = collections.Counter(), 0
-    for e in events:
-        name = e.get("name", "")
-        if e.get("ph") != "X" or name not in names:  # executor spans, Python frames: not ops
+    for name, begin, finish in spans:
+        opcode, op_name = names[name]
+        if opcode in _CONTROL:
             continue
-        op_s[group(names[name], name)] += e["dur"] / 1e6
+        op_s[group(op_name, name)] += (finish - begin) / 1e6
         count += 1
+    if not count:
+        raise RuntimeError(f"no profiler event matched an instruction of {module}: the trace's naming has changed")
     return {"wall_s": wall, "op_s": {g: op_s.get(g, 0.0) for g in GROUPS}, "ops": count}
-
 
 def weight_matmuls(cfg, params, rows: int, head: bool = False):
     """(fn, FLOPs, weight bytes): every layer's weight matmuls of a Llama-style `cfg` (q, k, v, o,
