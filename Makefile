@@ -25,7 +25,7 @@ demo: $(VENV)/.deps
 	$(PY) -m train.kv_arithmetic
 
 test: $(VENV)/.test-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(VENV)/.test-deps
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
