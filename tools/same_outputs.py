@@ -18,7 +18,9 @@ moves there) and the worktree is always at WORKTREE, so paths recorded in output
 JSON and JSONL are compared as data with the fields that record wall time removed (VOLATILE
 below); text with durations (`12.3s`) and lines naming seconds normalised; orbax checkpoints by
 their restored arrays (exact: dtype, shape and bytes) and their JSON metadata, since orbax names
-its files at random; `table1.png` is not compared (its subtitle carries stage times). Everything
+its files at random; safetensors files by their tensors and metadata (safetensors writes the
+metadata keys in a random order, so an export's sha256, in its composition.json and README,
+is left out too); `table1.png` is not compared (its subtitle carries stage times). Everything
 else, weights included, byte for byte. Exit status 0 when everything matches.
 """
 
@@ -39,7 +41,7 @@ WORKTREE = "/tmp/calm_jax_same_outputs/tree"
 # Fields whose value is a time, a date or a path of the tree that ran: dropped before comparing.
 VOLATILE = {"seconds", "time", "elapsed", "wall_seconds", "timestamp", "date", "started", "finished", "commit",
             "tokens_per_second", "examples_per_second", "steps_per_second", "compile_seconds", "eval_seconds",
-            "train_seconds", "stage_seconds", "tokens_per_s"}
+            "train_seconds", "stage_seconds", "tokens_per_s", "sha256"}
 # orbax metadata: timestamps of the save.
 SKIP_FILES = {"_CHECKPOINT_METADATA", "table1.png", ".results.lock"}
 _DURATION = re.compile(r"\b\d+(\.\d+)?s\b")
@@ -112,13 +114,23 @@ def _load(path: str):
     if path.endswith(".jsonl") or path.endswith(".txt"):
         lines = []
         for line in raw.decode("utf-8", "replace").splitlines():
+            if "seconds" in line and not line.startswith("{"):
+                continue
             try:
                 lines.append(_strip(json.loads(line)))
             except ValueError:
                 lines.append(_strip(line))
         return lines
+    if path.endswith(".safetensors"):  # by content: safetensors writes metadata keys in a random order
+        from safetensors.numpy import load
+        from safetensors import safe_open
+
+        with safe_open(path, "np") as f:
+            metadata = f.metadata()
+        return {k: (str(v.dtype), v.shape, v.tobytes()) for k, v in load(raw).items()}, metadata
     if path.endswith(".md"):
-        return [_strip(line) for line in raw.decode("utf-8", "replace").splitlines() if "seconds" not in line]
+        return [_strip(line) for line in raw.decode("utf-8", "replace").splitlines()
+                if "seconds" not in line and "sha256" not in line]
     return raw
 
 
