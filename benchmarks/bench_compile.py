@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from calm_jax import plan as plan_lib  # noqa: E402
+from calm_jax import sharding  # noqa: E402
 from calm_jax.composition import ComposedLM, CompositionConfig, init_composed_cache  # noqa: E402
 from calm_jax.config import ModelConfig  # noqa: E402
 from calm_jax.loading import load_config  # noqa: E402
@@ -46,7 +47,7 @@ def anchor(layers: int) -> ModelConfig:
 
 
 def time_train_step(ccfg, batch: int, seq: int, remat: str) -> dict:
-    setup = plan_lib.Setup(ccfg, plan_lib.make_mesh(None, 1), batch, seq, remat=remat)
+    setup = plan_lib.Setup(ccfg, sharding.make_mesh(None, jax.devices()[:1]), batch, seq, remat=remat)
     inputs = plan_lib.step_inputs(setup)
     step = plan_lib.make_step(inputs, 1)
     t0 = time.perf_counter()
@@ -59,7 +60,8 @@ def time_train_step(ccfg, batch: int, seq: int, remat: str) -> dict:
 
 def time_decode_step(ccfg, batch: int, length: int) -> dict:
     lm = ComposedLM(ccfg)
-    params = {"theta": plan_lib.step_inputs(plan_lib.Setup(ccfg, plan_lib.make_mesh(None, 1), batch, 2)).theta,
+    one = sharding.make_mesh(None, jax.devices()[:1])
+    params = {"theta": plan_lib.step_inputs(plan_lib.Setup(ccfg, one, batch, 2)).theta,
               "anchor": param_shapes(ccfg.anchor), "augments": tuple(param_shapes(a) for a in ccfg.augments)}
     cache = jax.eval_shape(lambda: init_composed_cache(ccfg, batch, length))
     token = jax.ShapeDtypeStruct((batch, 1), jnp.int32)

@@ -7,7 +7,7 @@ Runs `python -m train.plan --json` once per entry of PLANS (bf16 frozen weights,
 tokens, 80 GiB per device, the loss in 512-position chunks), one process each, and writes
 one JSON line per plan (each carries the command that made it) to --out. Each entry
 compiles 1 to 4 times (8B-scale compiles take 15-30 s here). --table prints the
-markdown table of calm_jax.plan.markdown_table from the file.
+markdown table of train.plan.markdown_table from the file.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from calm_jax.data import DataError, read_jsonl  # noqa: E402
+from train.plan import markdown_table  # noqa: E402
 
 QWEN = ["--anchor", "configs/qwen2.5-7b", "--augment", "configs/qwen2.5-coder-1.5b", "--match-vocab",
         "--name", "Qwen2.5-7B + Qwen2.5-Coder-1.5B"]
@@ -48,11 +51,15 @@ def main():
     p.add_argument("--only", action="append", help="run only these PLANS names (the file's other lines are kept)")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     args = p.parse_args()
-    from calm_jax.plan import markdown_table, read_jsonl
+    try:  # the records of earlier runs
+        earlier = read_jsonl(args.out, require=("plan",)) if args.table or os.path.isfile(args.out) else []
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.table:
-        print(markdown_table(read_jsonl(args.out)))
+        print(markdown_table(earlier))
         return 0
-    records = {r["plan"]: r for r in read_jsonl(args.out)} if os.path.isfile(args.out) else {}
+    records = {r["plan"]: r for r in earlier}
     for name, flags in PLANS:
         if args.only and name not in args.only:
             continue
@@ -73,7 +80,7 @@ def main():
         with open(args.out, "w") as f:
             for r in sorted(records.values(), key=lambda r: order.index(r["plan"]) if r["plan"] in order else 99):
                 f.write(json.dumps(r) + "\n")
-    print(markdown_table(read_jsonl(args.out)))
+    print(markdown_table(read_jsonl(args.out, require=("plan",))))
     return 0
 
 

@@ -98,7 +98,7 @@ def test_composition_options_round_trip_through_composition_json(tmp_path):
     theta = _composition_run(tmp_path, ccfg, frozen)
     saved = json.loads((tmp_path / "composition.json").read_text())
     assert saved == {"connections": [[[3, 1]]], "num_heads": 4, "options": everything.to_dict(), "dtype": "float32"}
-    loaded, loaded_theta = ckpt.load_composition(str(tmp_path), ANCHOR, [AUG])
+    loaded, loaded_theta = ckpt.load_theta(str(tmp_path), ANCHOR, [AUG])
     assert loaded == ccfg and loaded.options == everything
     assert jax.tree.structure(loaded_theta) == jax.tree.structure(theta)
     ckpt.save_composition_config(str(tmp_path), ccfg)  # resuming with the same wiring: fine
@@ -117,7 +117,7 @@ def test_composition_json_of_the_old_flat_layout_still_reads(tmp_path):
     path = tmp_path / "composition.json"
     path.write_text(json.dumps({"connections": [[[3, 1]]], "num_heads": 4, "query_norm": True,
                                 "zero_init_out": False, "gate": True, "dtype": "float32"}))  # no cross_rope yet
-    assert ckpt.load_composition(str(tmp_path), ANCHOR, [AUG])[0] == ccfg
+    assert ckpt.load_theta(str(tmp_path), ANCHOR, [AUG])[0] == ccfg
     ckpt.save_composition_config(str(tmp_path), ccfg)
     with pytest.raises(ckpt.BaseModelMismatch, match=r"options\.query_norm: trained with True, given False$"):
         ckpt.save_composition_config(str(tmp_path), dataclasses.replace(ccfg, options=CompositionOptions(gate=True)))
@@ -125,7 +125,7 @@ def test_composition_json_of_the_old_flat_layout_still_reads(tmp_path):
     # An option this version does not know is named, not ignored.
     path.write_text(json.dumps({"connections": [[[3, 1]]], "num_heads": 4, "dtype": "float32",
                                 "options": {"gate": True, "fancy_norm": True}}))
-    for read in (lambda: ckpt.load_composition(str(tmp_path), ANCHOR, [AUG]),
+    for read in (lambda: ckpt.load_theta(str(tmp_path), ANCHOR, [AUG]),
                  lambda: ckpt.save_composition_config(str(tmp_path), ccfg)):
         with pytest.raises(ckpt.CheckpointError, match=r"composition\.json: unknown option 'fancy_norm'; the options "
                                                        r"are query_norm, zero_init_out, gate, cross_rope"):
