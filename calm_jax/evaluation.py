@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from calm_jax import decoding, metrics
+from calm_jax import decoding, execution, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +68,6 @@ def score_programs(problems: Sequence[dict], samples: Sequence[tuple[int, str]],
     {"problem_index", "task_id" (when the problem has one), "n", "c", "pass@k": {k: estimate}};
     {k: pass@k averaged over problems} (keys are str(k)).
     """
-    from calm_jax import execution
-
     sandbox = sandbox or execution.Sandbox()
     sources = [execution.build_program(problems[i]["prompt"], completion, problems[i]["tests"],
                                        problems[i].get("entry_point")) for i, completion in samples]

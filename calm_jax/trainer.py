@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from calm_jax import checkpoint as ckpt
 from calm_jax import data as data_lib
@@ -255,7 +256,6 @@ class _Null:
 
 
 def _progress(cfg: TrainConfig, start: int):
-    from tqdm.auto import tqdm
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not cfg.progress,
                 dynamic_ncols=True)
 

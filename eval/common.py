@@ -6,9 +6,10 @@ Model flags (`add_model_flags`), one of:
       [--composition RUN_DIR|EXPORT]   its trained Θ_C: a train.compose run directory or a
                                        train.export directory (without it: random Θ_C, said loudly)
       [--encoder-mode]                 the paper's "m_A as encoder" ablation
-`build_model(args)` turns them into a `Loaded` (model with the PlainLM interface, params,
-tokenizer, label, source), so the same script evaluates any of the three; `describe(args)`
-gives the label and source without loading anything.
+`check(args)` runs every check that needs no weights (calm_jax.loaded: configs, tokenizers,
+the composition's step), `build_model(args, checked)` loads the rest into a `Loaded` (model
+with the PlainLM interface, params, tokenizer, label, source), so the same script evaluates
+any of the three; `describe(args)` gives the label and source without loading anything.
 """
 
 from __future__ import annotations
@@ -20,15 +21,12 @@ import sys
 import time
 from typing import Any
 
-import jax
-
 from calm_jax import checkpoint
 from calm_jax import composition as comp
-from calm_jax import decoding
+from calm_jax import decoding, loaded as loaded_lib
 from calm_jax.config import DTYPES, ConfigError
 from calm_jax.data import DataError, read_jsonl, where
-from calm_jax.loading import CheckpointError, load_config, load_pretrained, load_tokenizer
-from calm_jax.model import PlainLM
+from calm_jax.loading import CheckpointError
 
 
 # Bad input the scripts report as one line instead of a traceback.
@@ -98,41 +96,26 @@ def describe(args: argparse.Namespace) -> tuple[str, dict]:
     return args.label or label, source
 
 
-def tokenizer_and_positions(args: argparse.Namespace):
-    """(tokenizer, max positions) of the model the flags describe, from its files' configs and
-    tokenizer alone, so records can be checked before any weights load. Raises CheckpointError."""
-    dirs = [args.model] if args.model else [args.anchor, *args.augment]
-    positions = min(load_config(d, dtype=args.dtype).max_positions for d in dirs)
-    tokenizer = load_tokenizer(dirs[0])
-    if tokenizer is None:
-        raise CheckpointError(f"{dirs[0]} has no tokenizer files (tokenizer.json, ...): text cannot be encoded")
-    return tokenizer, positions
-
-
-def build_model(args: argparse.Namespace) -> Loaded:
-    """The model the flags describe. Raises SystemExit with a clear message on bad flags."""
-    label, source = describe(args)
+def check(args: argparse.Namespace) -> loaded_lib.Checked:
+    """The checks of the model the flags describe that read no weights (its configs, tokenizer and
+    tokenizer checks, the composition's step): `.tokenizer` and `.max_positions` are what records
+    are checked against before `build_model` loads anything. Raises CheckpointError,
+    CompositionError or ConfigError."""
+    describe(args)  # the flags first: their own messages
     if args.model:
-        pre = load_pretrained(args.model, dtype=args.dtype)
-        return Loaded(PlainLM(pre.config), pre.params, pre.tokenizer, label, source)
-    anchor = load_pretrained(args.anchor, dtype=args.dtype)
-    augments = [load_pretrained(d, dtype=args.dtype) for d in args.augment]
-    if anchor.tokenizer is not None and all(a.tokenizer is not None for a in augments):
-        comp.check_vocabularies(anchor.tokenizer, [a.tokenizer for a in augments])
-    if anchor.tokenizer is not None:
-        # The tables may be padded differently (vocab_size may differ); the tokenizer's ids must fit them all.
-        comp.check_tokenizer_fits(anchor.tokenizer, anchor.config, [a.config for a in augments],
-                                  dirs=[args.anchor, *args.augment])
-    frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}
-    if args.composition:
-        # Checks the run was trained on these very models (configs and content hashes).
-        ccfg, theta = checkpoint.load_composition(args.composition, anchor, augments, step=source["step"])
-    else:
-        ccfg = comp.CompositionConfig(anchor=anchor.config, augments=tuple(a.config for a in augments))
-        theta = comp.init_theta(ccfg, jax.random.key(args.theta_seed))
+        return loaded_lib.check_model(args.model, dtype=args.dtype)
+    return loaded_lib.check_composition(args.anchor, args.augment, args.composition, dtype=args.dtype)
+
+
+def build_model(args: argparse.Namespace, checked: loaded_lib.Checked | None = None) -> Loaded:
+    """The model the flags describe (`checked`: what `check(args)` returned, or None to check
+    here). Raises SystemExit with a clear message on bad flags."""
+    label, source = describe(args)
+    checked = checked or check(args)
+    model = loaded_lib.load_checked(checked, theta_seed=args.theta_seed, encoder_mode=bool(args.encoder_mode))
+    if checked.is_composition and checked.theta_dir is None:
         print("WARNING: no --composition given: Θ_C is randomly initialised (untrained)", file=sys.stderr)
-    return Loaded(comp.ComposedLM(ccfg, encoder_mode=args.encoder_mode), {"theta": theta, **frozen},
-                  anchor.tokenizer, label, source)
+    return Loaded(model.model, model.params, model.tokenizer, label, source)
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
@@ -177,11 +160,12 @@ def generate_for(args, path: str, need_target: bool = False, before_loading=None
         records = read_prompts(path, need_target)
         if before_loading is not None:
             before_loading(*describe(args))
-        tokenizer, positions = tokenizer_and_positions(args)
-        fit_max_new_tokens(args, tokenizer, positions, records)
+        checked = check(args)
+        fit_max_new_tokens(args, checked.tokenizer, checked.max_positions, records)
         names = [where(r, i) for i, r in enumerate(records)]
-        decoding.prompt_token_ids([r["prompt"] for r in records], tokenizer, args.max_new_tokens, positions, names)
-        loaded = build_model(args)
+        decoding.prompt_token_ids([r["prompt"] for r in records], checked.tokenizer, args.max_new_tokens,
+                                  checked.max_positions, names)
+        loaded = build_model(args, checked)
         start = time.perf_counter()
         gens = decoding.generate(loaded.model, loaded.params, [r["prompt"] for r in records],
                                  tokenizer=loaded.tokenizer, names=names,

@@ -28,7 +28,7 @@ import sys
 
 from calm_jax import evaluation, metrics
 from calm_jax.data import write_jsonl, write_text
-from eval import common
+from . import common
 
 
 def _safe(label: str) -> str:

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from calm_jax.data import write_jsonl
-from eval import common
+from . import common
 
 
 def main(argv=None) -> int:

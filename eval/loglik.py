@@ -14,7 +14,7 @@ import json
 import sys
 
 from calm_jax import data, scoring
-from eval import common
+from . import common
 
 
 def main(argv=None) -> int:
@@ -30,9 +30,9 @@ def main(argv=None) -> int:
         parser.error("--encoder-mode is a decoding ablation; eval.loglik scores iterative compositions only")
     try:
         records = data.read_jsonl(args.data)
-        tokenizer, positions = common.tokenizer_and_positions(args)
-        scoring.encode_records(tokenizer, records, positions)  # bad records are named before weights load
-        loaded = common.build_model(args)
+        checked = common.check(args)
+        scoring.encode_records(checked.tokenizer, records, checked.max_positions)  # named before weights load
+        loaded = common.build_model(args, checked)
         scores = scoring.loglik(loaded.model, loaded.params, loaded.tokenizer, records, args.batch_size)
     except common.USER_ERRORS as e:
         print(f"eval.loglik: error: {e}", file=sys.stderr)

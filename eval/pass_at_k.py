@@ -39,7 +39,7 @@ import time
 
 from calm_jax import decoding, evaluation, execution
 from calm_jax.data import DataError, read_jsonl, where, write_json, write_jsonl
-from eval import common
+from . import common
 
 
 def _parse_k(text: str) -> list[int]:
@@ -112,10 +112,10 @@ def generate_samples(args, problems: list[dict]) -> tuple[list[tuple[int, dict]]
     naming the problems file."""
     try:  # checked here, so that errors name the problems file rather than the repeated prompts
         label, source = common.describe(args)
-        tokenizer, positions = common.tokenizer_and_positions(args)
-        common.fit_max_new_tokens(args, tokenizer, positions, problems)
-        decoding.prompt_token_ids([p["prompt"] for p in problems], tokenizer, args.max_new_tokens, positions,
-                                  [where(p, i) for i, p in enumerate(problems)])
+        checked = common.check(args)
+        common.fit_max_new_tokens(args, checked.tokenizer, checked.max_positions, problems)
+        decoding.prompt_token_ids([p["prompt"] for p in problems], checked.tokenizer, args.max_new_tokens,
+                                  checked.max_positions, [where(p, i) for i, p in enumerate(problems)])
     except common.USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from e
     if args.temperature == 0 and args.n > 1:

@@ -18,7 +18,7 @@ from calm_jax.config import ModelConfig
 from calm_jax.composition import (ComposedCache, ComposedLM, CompositionConfig, CompositionError, CompositionOptions,
                                   check_vocabularies, composed_forward, default_connections, describe,
                                   init_composed_cache, init_theta, param_count)
-from calm_jax.cross_attention import GATE_INIT
+from calm_jax.composition.cross_attention import GATE_INIT, connection_module
 from calm_jax.losses import encoder_mode_loss, next_token_loss
 from calm_jax.model import forward, init_params, param_shapes
 from tests import numerics
@@ -250,7 +250,7 @@ def test_composition_options():
     with pytest.raises(CompositionError, match="options must be a CompositionOptions, found dict"):
         CompositionConfig(ANCHOR, (AUG_LLAMA,), options={"gate": True})
     assert CompositionConfig(ANCHOR, (AUG_LLAMA,), options=options) != CompositionConfig(ANCHOR, (AUG_LLAMA,))
-    assert CCFG.cross_attention(0).options is CCFG.options
+    assert connection_module(CCFG).options is CCFG.options
 
 
 def test_the_composition_imports_no_training_code():
@@ -272,7 +272,7 @@ def test_composed_lm_is_a_hashable_frozen_dataclass():
 
 
 def test_cross_attention_empty_rows_are_exactly_zero():
-    module = CCFG.cross_attention(0)
+    module = connection_module(CCFG)
     p = init_theta(CCFG, jax.random.key(0))["augment_0"]["conn_0"]
     h_a = jax.random.normal(jax.random.key(1), (2, 5, 16))
     h_b = jax.random.normal(jax.random.key(2), (2, 3, 32))

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from calm_jax import decoding
+from calm_jax import loaded as loaded_lib
 from calm_jax.loading import Pretrained, save_pretrained
 from eval import common, exact_match, generate
 from tests import numerics
@@ -224,12 +225,12 @@ def test_exact_match_scores_key_value_targets_as_generated(tmp_path, monkeypatch
     answers = {tuple(decoding.prompt_ids(tok, r["prompt"])):
                tok(r["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in records}
 
-    def decode_the_target(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_tokens, **_):
+    def decode_the_target(model, params, tokens_BxP, mask_BxP, stop_ids_Z, rng, *, max_new_tokens, **_):
         rows = [answers[tuple(t[m].tolist())] for t, m in zip(np.asarray(tokens_BxP), np.asarray(mask_BxP))]
-        tokens_BxN = np.full((len(rows), max_new_tokens), -1, np.int32)
+        tokens_BxM = np.full((len(rows), max_new_tokens), -1, np.int32)
         for r, ids in enumerate(rows):
-            tokens_BxN[r, :len(ids)] = ids
-        return decoding.DecodeOutput(tokens_BxN=tokens_BxN, num_B=np.array([len(ids) for ids in rows]),
+            tokens_BxM[r, :len(ids)] = ids
+        return decoding.DecodeOutput(tokens_BxM=tokens_BxM, num_B=np.array([len(ids) for ids in rows]),
                                      stopped_B=np.ones(len(rows), bool))
 
     monkeypatch.setattr(decoding, "decode", decode_the_target)
@@ -324,6 +325,6 @@ def test_eval_bad_input_is_reported_early_with_line_numbers(dirs, tmp_path, caps
         generate.main(["--model", dirs["anchor"], "--prompts", dirs["prompts"], "--out", out,
                        "--max-new-tokens", "60"])
     # Data errors come before any model is loaded.
-    monkeypatch.setattr(common, "load_pretrained", lambda *a, **k: pytest.fail("a model was loaded first"))
+    monkeypatch.setattr(loaded_lib, "load_pretrained", lambda *a, **k: pytest.fail("a model was loaded first"))
     with pytest.raises(SystemExit, match="numeric.jsonl: line 3: field 'target' must be a string"):
         exact_match.main(["--model", dirs["anchor"], "--data", str(numeric), "--out", str(tmp_path / "em")])

@@ -8,6 +8,7 @@ import pytest
 from calm_jax.composition import CompositionOptions
 from calm_jax.experiment import report, spec, study
 from calm_jax.experiment.task import Data, Task
+from calm_jax.overrides import apply_overrides
 
 
 def test_ablation_rows_iterate_the_composition_options():
@@ -20,7 +21,7 @@ def test_apply_overrides_reaches_every_part():
     base = spec.Preset(task=None, m_A=spec.ModelSize(8, 1, 1, 8), m_B=spec.ModelSize(8, 1, 1, 8),
                        train_A=spec.Stage(1, 1, 1, 1e-3, 0), train_B=spec.Stage(1, 1, 1, 1e-3, 0),
                        train_C=spec.Stage(1, 1, 1, 1e-3, 0), connections=None)
-    p = spec.apply_overrides(base, ["seeds.theta=7", "options.cross_rope=True", "eval_batch=4", "m_B.family=gpt2"])
+    p = apply_overrides(base, ["seeds.theta=7", "options.cross_rope=True", "eval_batch=4", "m_B.family=gpt2"])
     assert (p.seeds.theta, p.options.cross_rope, p.eval_batch, p.m_B.family) == (7, True, 4, "gpt2")
     assert (p.seeds.m_A, p.options.gate) == (1, False)
     assert spec.label("tiny", ["a=1", "b=2"]) == "tiny with a=1 b=2"

@@ -1,5 +1,6 @@
 """Θ_C as a shareable artifact: python -m train.export, and loading an export wherever a run
-directory is taken (checkpoint.load_composition, the eval scripts, train.compose --init-from)."""
+directory is taken (calm_jax.load_composition, checkpoint.load_theta, the eval scripts, train.compose
+--init-from)."""
 
 import json
 import os
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import calm_jax
 from calm_jax import checkpoint as ckpt
+from calm_jax import decoding, scoring
 from calm_jax.loading import CheckpointError, load_pretrained
 from eval import exact_match, loglik
 from tests.test_train_cli import compose_argv, hf_dirs  # noqa: F401 (a fixture)
@@ -38,7 +41,7 @@ def test_export_holds_theta_alone_and_loads_bit_for_bit(hf_dirs, trained):  # no
     out = trained["export"]
     assert sorted(os.listdir(out)) == ["README.md", "composition.json", "theta.safetensors"]
     anchor, augments = _models(hf_dirs)
-    ccfg, theta = ckpt.load_composition(trained["run"], anchor, augments)
+    ccfg, theta = ckpt.load_theta(trained["run"], anchor, augments)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(theta))
     size = os.path.getsize(os.path.join(out, "theta.safetensors"))
     assert 0 <= size - nbytes < 4096  # Θ_C and a header: no frozen weight, no optimizer state
@@ -56,19 +59,19 @@ def test_export_holds_theta_alone_and_loads_bit_for_bit(hf_dirs, trained):  # no
     assert training["train_config"]["steps"] == 3 and training["train_examples"] == 32
     assert training["data"] == hf_dirs["train"] and training["target_tokens"] > 0 and "eval_loss" in training
     readme = open(os.path.join(out, "README.md")).read()
-    assert f'checkpoint.load_composition("{out}", anchor, augments)' in readme
+    assert f'calm_jax.load_composition("{hf_dirs["anchor"]}", ["{hf_dirs["augment"]}"], "{out}")' in readme
     assert f"--composition {out}" in readme and f"--init-from {out}" in readme
     assert '--connections "0:1-0,0:2-2"' in readme and "--gate" in readme and "32 examples" in readme
 
     assert ckpt.composition_step(out) == ckpt.composition_step(trained["run"]) == 3
-    ccfg_x, theta_x = ckpt.load_composition(out, anchor, augments)
+    ccfg_x, theta_x = ckpt.load_theta(out, anchor, augments)
     assert ccfg_x == ccfg
     assert jax.tree.structure(theta_x) == jax.tree.structure(theta)
     for a, b in zip(jax.tree.leaves(theta_x), jax.tree.leaves(theta)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(CheckpointError, match="is an export of step 3 only; it has no step 2"):
-        ckpt.load_composition(out, anchor, augments, step=2)
+        ckpt.load_theta(out, anchor, augments, step=2)
 
 
 def test_eval_scripts_score_an_export_as_its_run_directory(hf_dirs, trained, tmp_path):  # noqa: F811
@@ -94,14 +97,48 @@ def test_eval_scripts_score_an_export_as_its_run_directory(hf_dirs, trained, tmp
                           trained["export"], "--data", str(data), "--out", str(tmp_path / "em-other")])
 
 
+def test_load_composition_is_the_export_readme_and_the_eval_path(hf_dirs, trained, tmp_path):  # noqa: F811
+    """calm_jax.load_composition, as the export's README shows it: the same Θ_C bit for bit as
+    checkpoint.load_theta, generation and log-likelihoods equal to the library functions' on the
+    same model, its wiring checked against a Wiring asked for; bad input refused before weights."""
+    anchor, augments = _models(hf_dirs)
+    _, theta = ckpt.load_theta(trained["export"], anchor, augments)
+    lm = calm_jax.load_composition(hf_dirs["anchor"], [hf_dirs["augment"]], trained["export"])
+    assert lm.step == 3 and lm.composition.options.gate
+    for x, y in zip(jax.tree.leaves(lm.params["theta"]), jax.tree.leaves(theta)):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+    prompts = [r["prompt"] for r in map(json.loads, open(hf_dirs["train"]))][:3]
+    gens = lm.generate(prompts, max_new_tokens=4)
+    direct = decoding.generate(lm.model, lm.params, prompts, max_new_tokens=4, tokenizer=lm.tokenizer)
+    assert [g.tokens for g in gens] == [g.tokens for g in direct]
+    records = [{"prompt": p, "target": "abc"} for p in prompts]
+    assert lm.loglik(records) == scoring.loglik(lm.model, lm.params, lm.tokenizer, records)
+    # The plain model, same interface.
+    plain = calm_jax.load_model(hf_dirs["anchor"])
+    assert plain.composition is None and len(plain.generate(prompts[:1], max_new_tokens=2)) == 1
+    # A wiring asked for must be the trained one; a fresh Θ_C takes the paper's layers by default.
+    with pytest.raises(ckpt.BaseModelMismatch, match="wired differently"):
+        calm_jax.load_composition(hf_dirs["anchor"], [hf_dirs["augment"]], trained["export"],
+                                  wiring=calm_jax.Wiring())
+    fresh = calm_jax.load_composition(hf_dirs["anchor"], [hf_dirs["augment"]], theta_seed=1)
+    assert fresh.theta_dir is None and fresh.composition.connections == (calm_jax.default_connections(
+        fresh.composition.augments[0].num_layers, fresh.composition.anchor.num_layers),)
+    # An augmenting model without tokenizer files is refused (its vocabulary cannot be checked),
+    # before any weight is read.
+    bare = tmp_path / "bare"
+    shutil.copytree(hf_dirs["augment"], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    with pytest.raises(CheckpointError, match="bare has no tokenizer files, so its vocabulary cannot be checked"):
+        calm_jax.check_composition(hf_dirs["anchor"], [str(bare)])
+
+
 def test_an_export_refuses_other_base_models(hf_dirs, trained):  # noqa: F811
     anchor, other = _models(hf_dirs, "other")
     with pytest.raises(ckpt.BaseModelMismatch, match="augment_0 has the same config but different weights"):
-        ckpt.load_composition(trained["export"], anchor, other)
+        ckpt.load_theta(trained["export"], anchor, other)
     with pytest.raises(ckpt.BaseModelMismatch, match="augment_0 config differs"):
-        ckpt.load_composition(trained["export"], anchor, [anchor])
+        ckpt.load_theta(trained["export"], anchor, [anchor])
     # The same models in bf16 are the same models.
-    ckpt.load_composition(trained["export"], load_pretrained(hf_dirs["anchor"], param_dtype="bfloat16"),
+    ckpt.load_theta(trained["export"], load_pretrained(hf_dirs["anchor"], param_dtype="bfloat16"),
                           [load_pretrained(hf_dirs["augment"], param_dtype="bfloat16")])
 
 
@@ -136,13 +173,13 @@ def test_a_damaged_export_is_refused_naming_the_file_and_tensor(hf_dirs, trained
             ("flipped", flip_a_byte, r"is corrupt or was replaced: its sha256 is")]:
         path = damaged(name, damage)
         with pytest.raises(CheckpointError, match=message) as e:
-            ckpt.load_composition(path, anchor, augments)
+            ckpt.load_theta(path, anchor, augments)
         assert os.path.join(path, "theta.safetensors") in str(e.value)
     gone = tmp_path / "no-theta"
     shutil.copytree(trained["export"], gone)
     os.remove(gone / "theta.safetensors")
     with pytest.raises(CheckpointError, match="is an export without its theta.safetensors"):
-        ckpt.load_composition(str(gone), anchor, augments)
+        ckpt.load_theta(str(gone), anchor, augments)
 
 
 def test_export_directory_policy(trained, capsys):
@@ -177,8 +214,8 @@ def test_train_compose_init_from_an_export(hf_dirs, trained, tmp_path, capsys): 
                                      "--init-from", trained["export"])) == 0
     assert f"Θ_C initialised from {trained['export']} (step 3)" in capsys.readouterr().out
     anchor, augments = _models(hf_dirs)
-    _, started = ckpt.load_composition(trained["export"], anchor, augments)
-    _, now = ckpt.load_composition(str(run), anchor, augments)
+    _, started = ckpt.load_theta(trained["export"], anchor, augments)
+    _, now = ckpt.load_theta(str(run), anchor, augments)
     for a, b in zip(jax.tree.leaves(now), jax.tree.leaves(started)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Another wiring is refused before any weights load; other base models once they have.

@@ -68,7 +68,7 @@ def test_cli_end_to_end(hf_dirs, tmp_path, capsys):
     assert os.path.getsize(out / "loss.png") > 1000
     assert sorted(os.listdir(out / "checkpoints")) == ["6"]  # save_every 100: only the final one
     anchor, augment = load_pretrained(hf_dirs["anchor"]), load_pretrained(hf_dirs["augment"])
-    ccfg, theta = ckpt.load_composition(str(out), anchor, [augment])
+    ccfg, theta = ckpt.load_theta(str(out), anchor, [augment])
     assert ccfg.connections == (((1, 0), (2, 2)),)
     assert f"Θ_C parameters: {param_count(theta):,}" in printed.out
     # Resuming a finished run trains nothing more and keeps its metrics...
@@ -91,13 +91,21 @@ def test_composition_option_flags_are_made_from_the_options(tmp_path):
         assert actions[f.name].help == f"{f.metadata['help']} (not in the paper)"
     assert compose.option_flag("zero_init_out") == "--zero-init-out"
     required = ["--anchor", "a", "--augment", "b", "--data", "d", "--out", "o"]
-    assert compose.options_from(compose.resolve(required)) == CompositionOptions()
-    assert compose.options_from(compose.resolve([*required, "--gate", "--cross-rope"])) == CompositionOptions(
+    assert compose.read_config(required).config.options == CompositionOptions()
+    assert compose.read_config([*required, "--gate", "--cross-rope"]).config.options == CompositionOptions(
         gate=True, cross_rope=True)
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"query_norm": True, "zero-init-out": True}))
-    assert compose.options_from(compose.resolve([*required, "--config", str(config), "--gate"])) == \
+    assert compose.read_config([*required, "--config", str(config), "--gate"]).config.options == \
         CompositionOptions(query_norm=True, zero_init_out=True, gate=True)
+    # --set reaches any field, over the file and under the named flags.
+    resolved = compose.read_config([*required, "--config", str(config), "--set", "options.query_norm=False",
+                                    "--set", "train.b2=0.98", "--set", "train.steps=7", "--steps", "9"])
+    assert (resolved.config.options.query_norm, resolved.config.train.b2, resolved.config.train.steps) == \
+        (False, 0.98, 9)
+    assert {"options.query_norm", "train.b2", "train.steps", "anchor"} <= resolved.given
+    with pytest.raises(SystemExit, match="TrainConfig has no field 'b3'"):
+        compose.read_config([*required, "--set", "train.b3=0.9"])
     plan_flags = {s for a in plan.build_parser()._actions for s in a.option_strings}
     assert {compose.option_flag(name) for name in CompositionOptions.names()} <= plan_flags
 
@@ -143,19 +151,20 @@ def test_cli_refuses_to_overwrite_or_to_resume_against_other_models(hf_dirs, tmp
     assert "belongs to other base models" in err
     assert "augment_0 has the same config but different weights" in err
     with pytest.raises(ckpt.BaseModelMismatch, match="augment_0 has the same config but different weights"):
-        ckpt.load_composition(str(out), load_pretrained(hf_dirs["anchor"]), [load_pretrained(hf_dirs["other"])])
+        ckpt.load_theta(str(out), load_pretrained(hf_dirs["anchor"]), [load_pretrained(hf_dirs["other"])])
     # The same models stored in bf16 are the same models.
-    ckpt.load_composition(str(out), load_pretrained(hf_dirs["anchor"], param_dtype="bfloat16"),
+    ckpt.load_theta(str(out), load_pretrained(hf_dirs["anchor"], param_dtype="bfloat16"),
                           [load_pretrained(hf_dirs["augment"], param_dtype="bfloat16")])
     # So are they in float16, as eval's --dtype float16 loads them.
-    ckpt.load_composition(str(out), load_pretrained(hf_dirs["anchor"], dtype="float16"),
+    ckpt.load_theta(str(out), load_pretrained(hf_dirs["anchor"], dtype="float16"),
                           [load_pretrained(hf_dirs["augment"], dtype="float16")])
 
 
 def test_cli_checks_data_and_connections_before_loading_weights(hf_dirs, tmp_path, capsys, monkeypatch):
-    from calm_jax import loading
+    from calm_jax import loaded
 
-    monkeypatch.setattr(loading, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded before the checks"))
+    # calm_jax.loaded is the one place a command line loads weights.
+    monkeypatch.setattr(loaded, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded before the checks"))
     numeric = _write_jsonl(tmp_path / "numeric.jsonl", [{"prompt": "ab=", "target": "ba"},
                                                         {"prompt": "64-28=", "target": 36}])
     err = _error(capsys, compose_argv({**hf_dirs, "train": numeric}, tmp_path / "r1"))

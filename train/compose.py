@@ -5,11 +5,13 @@
         [--mesh data=D,model=M] [--connections "0:3-1,0:7-3"] [--resume] [--config FILE.json]
         [--init-from RUN_DIR|EXPORT_DIR]
 
-A JSON config file holds any of the flags (by their long name, "-" or "_"); flags given on
-the command line override it. Data: JSONL of {"prompt", "target"} (loss on the target) or
+Settings are one dataclass, `ComposeConfig` (its training part `calm_jax.trainer.TrainConfig`),
+read in layers: its defaults < a JSON --config file (any flag by its long name, "-" or "_") <
+--set FIELD=VALUE (any field, e.g. --set train.b2=0.98, --set options.gate=True; VALUE a Python
+literal, as the studies' --set) < the named flags. Data: JSONL of {"prompt", "target"} (loss on the target) or
 {"text"}. Output in RUN_DIR: metrics.jsonl, loss.png, checkpoints/, bases.json,
-composition.json (load with calm_jax.checkpoint.load_composition; share Θ_C alone with
-python -m train.export). --init-from starts Θ_C from a run directory's latest checkpoint or
+composition.json (load with calm_jax.load_composition(ANCHOR, [AUGMENT], RUN_DIR); share Θ_C
+alone with python -m train.export). --init-from starts Θ_C from a run directory's latest checkpoint or
 an export instead of a random init: same base models and same wiring, or it is refused.
 
 Multi-host: run the same command on every host with JAX_COORDINATOR_ADDRESS=HOST:PORT,
@@ -24,15 +26,53 @@ import dataclasses
 import json
 import sys
 
-from calm_jax.composition import CompositionOptions
-from calm_jax.model import REMAT_POLICIES
-from calm_jax.trainer import TrainConfig  # importing jax does not start it; initialize can still run
+import jax
 
-_TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_OPTION_FIELDS = dataclasses.fields(CompositionOptions)
-_MODEL_DEFAULTS = dict(augment=[], eval_data=None, connections=None, num_heads=None,
-                       **{f.name: f.default for f in _OPTION_FIELDS}, frozen_dtype="float32", resume=False,
-                       init_from=None, coordinator=None, num_processes=None, process_id=None)
+from calm_jax import checkpoint, composition, data, loaded, losses, overrides, sharding, trainer
+from calm_jax.composition import CompositionOptions
+from calm_jax.config import ConfigError
+from calm_jax.loading import CheckpointError
+from calm_jax.model import REMAT_POLICIES, param_shapes
+from calm_jax.trainer import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposeConfig:
+    """Everything a `train.compose` run is given. Fields of `train` and `options` are set as
+    "train.FIELD" and "options.FIELD" (--set), or by their flags (--steps, --query-norm, ...)."""
+
+    anchor: str | None = None
+    augment: tuple[str, ...] = ()
+    data: str | None = None
+    eval_data: str | None = None
+    out: str | None = None
+    connections: str | None = None  # "model:augment_layer-anchor_layer,..." (None: the paper's layers)
+    num_heads: int | None = None
+    options: CompositionOptions = CompositionOptions()
+    frozen_dtype: str = "float32"
+    resume: bool = False
+    init_from: str | None = None
+    train: TrainConfig = TrainConfig()
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def wiring(self) -> loaded.Wiring:
+        return loaded.Wiring(parse_connections(self.connections), self.num_heads, self.options)
+
+
+# A flag or --config key's field: TrainConfig's and CompositionOptions' fields live in their parts.
+_PART = {**{f.name: "train" for f in dataclasses.fields(TrainConfig)},
+         **{name: "options" for name in CompositionOptions.names()}}
+_FIELDS = {f.name for f in dataclasses.fields(ComposeConfig)} - {"train", "options"}
+
+
+def _field(name: str) -> str | None:
+    """The ComposeConfig path of a flag's dest or a --config key ("steps" -> "train.steps"), or None."""
+    name = name.replace("-", "_")
+    if name in _PART:
+        return f"{_PART[name]}.{name}"
+    return name if name in _FIELDS else None
 
 
 def option_flag(name: str) -> str:
@@ -43,19 +83,17 @@ def option_flag(name: str) -> str:
 def add_option_flags(parser) -> None:
     """One on/off flag per CompositionOptions field (--query-norm, ...), its help the field's doc.
     An absent flag parses to None ("not given"), so a --config file's value stands."""
-    for f in _OPTION_FIELDS:
-        parser.add_argument(option_flag(f.name), action="store_true", default=None,
-                            help=f"{f.metadata['help']} (not in the paper)")
+    for name in CompositionOptions.names():
+        parser.add_argument(option_flag(name), action="store_true", default=None,
+                            help=f"{CompositionOptions.help(name)} (not in the paper)")
 
 
-def options_from(values) -> CompositionOptions:
-    """The CompositionOptions of parsed values: a {field name: value} dict (`resolve`'s) or an
-    argparse Namespace with an attribute per field."""
-    get = values.__getitem__ if isinstance(values, dict) else lambda name: getattr(values, name)
-    return CompositionOptions(**{f.name: get(f.name) for f in _OPTION_FIELDS})
+def options_from(args: argparse.Namespace) -> CompositionOptions:
+    """The CompositionOptions of parsed flags (an attribute per option; absent or None: off)."""
+    return CompositionOptions(**{name: bool(getattr(args, name, False)) for name in CompositionOptions.names()})
 
 
-def parse_connections(spec: str | None, n_augments: int):
+def parse_connections(spec: str | None):
     """"0:3-1,0:7-3" (augment model:augment layer-anchor layer, 0-based) -> {model: ((3, 1), (7, 3))}."""
     if not spec:
         return None
@@ -75,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.compose", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE.json", help="JSON file of flag values; flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="any ComposeConfig field, e.g. train.b2=0.98 or options.gate=True (repeatable; "
+                        "over --config, under the named flags)")
     p.add_argument("--anchor", metavar="DIR", help="anchor m_B (Hugging Face directory)")
     p.add_argument("--augment", metavar="DIR", action="append", help="augmenting model m_A; repeat for several")
     p.add_argument("--data", metavar="FILE", help="training JSONL")
@@ -122,125 +163,111 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(argv) -> dict:
-    """Flag values: built-in defaults < --config file < command-line flags.
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """`read_config`'s result: the settings, the fields the file or the flags set, and the
+    defaults changed to fit the other settings (notices to print at the start)."""
 
-    values["given"]: the names of the settings the file or the flags set; values["notices"]:
-    defaults changed to fit the other settings, to print at the start.
-    """
-    args = build_parser().parse_args(argv)
-    values = {**{k: f.default for k, f in _TRAIN_FIELDS.items()}, **_MODEL_DEFAULTS}
-    values.update(anchor=None, data=None, out=None)
-    given = set()
-    if args.config:
-        try:
-            with open(args.config) as f:
-                file_values = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"--config {args.config}: cannot read it as JSON ({e})") from None
-        unknown = sorted(k for k in file_values if k.replace("-", "_") not in values)
-        if unknown:
-            raise SystemExit(f"--config {args.config}: unknown keys {unknown}")
-        values.update({k.replace("-", "_"): v for k, v in file_values.items()})
-        given.update(k.replace("-", "_") for k in file_values)
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    given.update(k for k, v in vars(args).items() if v is not None and k != "config")
-    if isinstance(values["augment"], str):
-        values["augment"] = [values["augment"]]
-    missing = [f"--{k.replace('_', '-')}" for k in ("anchor", "augment", "data", "out") if not values[k]]
-    if missing:
-        raise SystemExit(f"missing required {', '.join(missing)}")
+    config: ComposeConfig
+    given: frozenset[str]
+    notices: tuple[str, ...] = ()
+
+
+def _file_values(path: str) -> dict:
     try:
-        values["train"] = TrainConfig(**{k: values.pop(k) for k in list(values) if k in _TRAIN_FIELDS})
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--config {path}: cannot read it as JSON ({e})") from None
+    unknown = sorted(k for k in values if _field(k) is None)
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown keys {unknown}")
+    return {_field(k): v for k, v in values.items()}
+
+
+def read_config(argv) -> Resolved:
+    """The run's settings: ComposeConfig's defaults < --config file < --set < named flags.
+    Raises SystemExit naming a bad file, key, override or setting."""
+    args = build_parser().parse_args(argv)
+    layers = [_file_values(args.config)] if args.config else []
+    try:
+        layers.append(dict(overrides.parse(item) for item in args.overrides))
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
+    layers.append({_field(k): v for k, v in vars(args).items() if v is not None and k not in ("config", "overrides")})
+    changes = {k: v for layer in layers for k, v in layer.items()}
+    if isinstance(changes.get("augment"), (str, list)):
+        changes["augment"] = tuple([changes["augment"]] if isinstance(changes["augment"], str) else changes["augment"])
+    try:
+        cfg = overrides.replace_fields(ComposeConfig(), changes)
+    except overrides.OverrideError as e:
+        raise SystemExit(str(e)) from None
     except (TypeError, ValueError) as e:
         raise SystemExit(f"bad training settings: {e}") from None
-    cfg, notices = values["train"], []
-    if cfg.warmup > cfg.steps:
-        if "warmup" in given:  # asked for: the run would never reach the learning rate asked for
-            raise SystemExit(f"bad training settings: warmup {cfg.warmup} is more than steps {cfg.steps}, "
+    missing = [f"--{k.replace('_', '-')}" for k in ("anchor", "augment", "data", "out") if not getattr(cfg, k)]
+    if missing:
+        raise SystemExit(f"missing required {', '.join(missing)}")
+    given, notices, tcfg = frozenset(changes), [], cfg.train
+    if tcfg.warmup > tcfg.steps:
+        if "train.warmup" in given:  # asked for: the run would never reach the learning rate asked for
+            raise SystemExit(f"bad training settings: warmup {tcfg.warmup} is more than steps {tcfg.steps}, "
                              "so no step would run at the full learning rate; lower --warmup")
-        notices.append(f"--warmup not given: using {cfg.steps // 10} (a tenth of --steps), not the default "
-                       f"{cfg.warmup}, which is more than the {cfg.steps} steps")
-        values["train"] = cfg.replace(warmup=cfg.steps // 10)
-    values.update(given=given, notices=notices)
-    return values
+        notices.append(f"--warmup not given: using {tcfg.steps // 10} (a tenth of --steps), not the default "
+                       f"{tcfg.warmup}, which is more than the {tcfg.steps} steps")
+        cfg = dataclasses.replace(cfg, train=tcfg.replace(warmup=tcfg.steps // 10))
+    return Resolved(cfg, given, tuple(notices))
 
 
 def main(argv=None) -> int:
-    v = resolve(argv)
-    from calm_jax import sharding
-    # Before anything touches a device.
-    sharding.maybe_initialize_distributed(v["coordinator"], v["num_processes"], v["process_id"])
+    resolved = read_config(argv)
+    run = resolved.config
+    # Before anything touches a device (importing jax does not start it).
+    sharding.maybe_initialize_distributed(run.coordinator, run.num_processes, run.process_id)
 
-    import jax
-
-    from calm_jax import checkpoint, composition, data, losses, trainer
-    from calm_jax.config import ConfigError
-    from calm_jax.loading import CheckpointError, load_config, load_pretrained, load_tokenizer
-    from calm_jax.model import param_shapes
-
-    cfg: TrainConfig = v["train"]
+    cfg = run.train
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *a, **k: None)
-    for notice in v["notices"]:
+    for notice in resolved.notices:
         say(notice)
     try:
         # Everything that needs no weights is checked first: loading them takes the longest.
         mesh = sharding.make_mesh(cfg.mesh)
-        configs = [load_config(d, param_dtype=v["frozen_dtype"]) for d in (v["anchor"], *v["augment"])]
-        ccfg = composition.CompositionConfig(
-            anchor=configs[0], augments=tuple(configs[1:]),
-            connections=parse_connections(v["connections"], len(v["augment"])), num_heads=v["num_heads"],
-            options=options_from(v))
-        if v["init_from"]:
-            checkpoint.composition_step(v["init_from"])  # it has a Θ_C
-            checkpoint.check_wiring(v["init_from"], ccfg)
-        longest = composition.ComposedLM(ccfg).max_positions
-        if "seq_len" not in v["given"] and cfg.seq_len > longest:
+        checked = loaded.check_composition(run.anchor, run.augment, run.init_from, wiring=run.wiring(),
+                                           param_dtype=run.frozen_dtype)
+        longest = checked.max_positions
+        if "train.seq_len" not in resolved.given and cfg.seq_len > longest:
             say(f"--seq-len not given: using {longest}, the models' position limit, not the default {cfg.seq_len}")
             cfg = cfg.replace(seq_len=longest)
         if cfg.seq_len > longest:
             raise data.DataError(f"--seq-len {cfg.seq_len} is longer than the models' position limit ({longest})")
-        tokenizers = [load_tokenizer(d) for d in (v["anchor"], *v["augment"])]
-        if tokenizers[0] is None:
-            raise CheckpointError(f"{v['anchor']} has no tokenizer files; the training data must be tokenized")
-        missing_tok = [d for d, t in zip(v["augment"], tokenizers[1:]) if t is None]
-        if missing_tok:
-            raise CheckpointError(f"{missing_tok[0]} has no tokenizer files, so its vocabulary cannot be checked")
-        composition.check_vocabularies(tokenizers[0], tokenizers[1:])
-        # vocab_size may differ (tables padded differently); every tokenizer id must have a row in each.
-        composition.check_tokenizer_fits(tokenizers[0], ccfg.anchor, ccfg.augments, dirs=[v["anchor"], *v["augment"]])
-        train_data = data.load_dataset(v["data"], tokenizers[0], cfg.seq_len, cfg.append_eos)
-        eval_data = (data.load_dataset(v["eval_data"], tokenizers[0], cfg.seq_len, cfg.append_eos)
-                     if v["eval_data"] else None)
+        train_data = data.load_dataset(run.data, checked.tokenizer, cfg.seq_len, cfg.append_eos)
+        eval_data = (data.load_dataset(run.eval_data, checked.tokenizer, cfg.seq_len, cfg.append_eos)
+                     if run.eval_data else None)
         place = lambda mcfg: sharding.param_shardings(mesh, param_shapes(mcfg), fsdp=cfg.fsdp)  # noqa: E731
-        anchor = load_pretrained(v["anchor"], param_dtype=v["frozen_dtype"], shardings=place, tokenizer=False)
-        augments = [load_pretrained(d, param_dtype=v["frozen_dtype"], shardings=place, tokenizer=False)
-                    for d in v["augment"]]
-        theta = composition.init_theta(ccfg, jax.random.key(cfg.seed))
-        if v["init_from"]:  # checks the base models are the ones it was trained with
-            theta = checkpoint.load_composition(v["init_from"], anchor, augments)[1]
-            say(f"Θ_C initialised from {v['init_from']} (step {checkpoint.composition_step(v['init_from'])})")
+        lm = loaded.load_checked(checked, shardings=place, theta_seed=cfg.seed)
+        ccfg, theta = lm.composition, lm.params["theta"]
+        if run.init_from:
+            say(f"Θ_C initialised from {run.init_from} (step {lm.step})")
         say(composition.describe(ccfg, theta))
         say(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} device(s), {jax.process_count()} process(es)")
         say(f"memory: remat {cfg.remat}, loss " + (f"in chunks of {cfg.loss_chunk} positions" if cfg.loss_chunk
                                                   else "over all positions at once"))
         say(f"data: {len(train_data)} training examples" + (f", {len(eval_data)} eval" if eval_data else ""))
-        checkpoint.save_composition_config(v["out"], ccfg)
-        frozen = {"anchor": anchor.params, "augments": tuple(a.params for a in augments)}
+        checkpoint.save_composition_config(run.out, ccfg)
+        frozen = {"anchor": lm.params["anchor"], "augments": lm.params["augments"]}
         result = trainer.train(
-            v["out"], cfg, losses.composed_loss(ccfg, cfg.remat, cfg.loss_chunk), theta, frozen,
-            train_data, eval_data, bases=checkpoint.composition_bases(anchor, augments), resume=v["resume"],
-            mesh=mesh, meta={"anchor": v["anchor"], "augments": v["augment"], "data": v["data"],
-                             "train_examples": len(train_data), "eval_data": v["eval_data"],
-                             "init_from": v["init_from"]})
+            run.out, cfg, losses.composed_loss(ccfg, cfg.remat, cfg.loss_chunk), theta, frozen,
+            train_data, eval_data, bases=checkpoint.composition_bases(lm.models[0], lm.models[1:]),
+            resume=run.resume, mesh=mesh,
+            meta={"anchor": run.anchor, "augments": list(run.augment), "data": run.data,
+                  "train_examples": len(train_data), "eval_data": run.eval_data, "init_from": run.init_from})
     except (CheckpointError, ConfigError, composition.CompositionError, data.DataError, sharding.MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     last = f"{result.losses[-1][1]:.4f}" if result.losses else "n/a"
     say(f"done: step {result.step}, last train loss {last}"
         + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-        + f"; run directory {v['out']}")
+        + f"; run directory {run.out}")
     return 0
 
 

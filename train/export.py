@@ -6,8 +6,8 @@ Writes DIR/theta.safetensors (Θ_C's tensors, named by their tree paths joined w
 in the dtype they were trained in), DIR/composition.json (the wiring, each base model's
 fingerprint exactly as RUN_DIR/bases.json records it and the path it was trained with, the
 step, the run's training settings, data and losses) and DIR/README.md (what it composes and
-how to load it). Load it wherever a run directory is taken: `calm_jax.checkpoint.
-load_composition(DIR, anchor, augments)`, the eval scripts' `--composition DIR`,
+how to load it). Load it wherever a run directory is taken: `calm_jax.load_composition(ANCHOR,
+[AUGMENT], DIR)`, the eval scripts' `--composition DIR`,
 `train.compose --init-from DIR`; other base models are refused as they are for the run.
 
 DIR is written whole or not at all (a temporary directory renamed into place). A non-empty
@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from calm_jax import checkpoint
+from calm_jax.loading import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from calm_jax import checkpoint
-    from calm_jax.loading import CheckpointError
 
     try:
         record = checkpoint.export_composition(args.run, args.out, step=args.step, force=args.force)

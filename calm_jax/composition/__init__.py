@@ -1,7 +1,7 @@
 """CALM: an anchor LM m_B composed with one or more frozen augmenting LMs m_A (paper §3).
 
 For every connection (augmenting layer i -> anchor layer j) the composed model adds
-f_cross(f_proj(H_A,i), H_B,j) (calm_jax.cross_attention) to the anchor's residual stream
+f_cross(f_proj(H_A,i), H_B,j) (calm_jax.composition.cross_attention) to the anchor's residual stream
 after layer j; the logits come from the anchor (all its vocab_size rows: the models may pad
 their embedding tables differently, see `check_tokenizer_fits`). Only Θ_C (the connections'
 parameters) is trainable; both kinds of frozen models are inputs under `jax.lax.stop_gradient`.
@@ -26,7 +26,8 @@ Decoding (`ComposedLM` with a `ComposedCache`) has two modes:
 
 Modules, by concern:
   config   CompositionError, CompositionOptions, CompositionConfig (and its checks),
-           default_connections
+           default_connections: data only, no modules
+  cross_attention  CrossAttention (one connection: f_proj + f_cross), connection_module
   vocab    check_vocabularies (the shared-tokenizer check), check_tokenizer_fits (its every id
            in every model's embedding table, whatever padding each has), num_token_ids
   theta    init_theta, param_count, describe
@@ -36,12 +37,14 @@ The losses that train Θ_C are in calm_jax.losses.
 
 from calm_jax.composition.config import (CompositionConfig, CompositionError, CompositionOptions, Pair,
                                          default_connections)
+from calm_jax.composition.cross_attention import CrossAttention, connection_module
 from calm_jax.composition.forward import ComposedCache, ComposedLM, composed_forward, init_composed_cache
 from calm_jax.composition.theta import describe, init_theta, param_count
 from calm_jax.composition.vocab import check_tokenizer_fits, check_vocabularies, num_token_ids
 
 __all__ = [
-    "ComposedCache", "ComposedLM", "CompositionConfig", "CompositionError", "CompositionOptions", "Pair",
-    "check_tokenizer_fits", "check_vocabularies", "composed_forward", "default_connections", "describe",
+    "ComposedCache", "ComposedLM", "CompositionConfig", "CompositionError", "CompositionOptions", "CrossAttention",
+    "Pair", "check_tokenizer_fits", "check_vocabularies", "composed_forward", "connection_module",
+    "default_connections", "describe",
     "init_composed_cache", "init_theta", "num_token_ids", "param_count",
 ]

@@ -6,7 +6,6 @@ import dataclasses
 from typing import Mapping
 
 from calm_jax.config import ModelConfig
-from calm_jax.cross_attention import CrossAttention
 
 Pair = tuple[int, int]
 
@@ -48,6 +47,11 @@ class CompositionOptions:
             raise CompositionError(f"{where}: unknown option {unknown[0]!r}; the options are "
                                    f"{', '.join(cls.names())}")
         return cls(**values)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The documentation of option `name` (its field's metadata["help"])."""
+        return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
 
     def to_dict(self) -> dict[str, bool]:
         return {name: getattr(self, name) for name in self.names()}
@@ -175,9 +179,3 @@ class CompositionConfig:
     @property
     def head_dim(self) -> int:
         return self.anchor.hidden_size // self.num_heads
-
-    def cross_attention(self, k: int) -> CrossAttention:
-        """The linen module of augmenting model k's connections (one shape for all of them)."""
-        rope_theta = self.anchor.rope_theta if self.anchor.position == "rope" else 10000.0
-        return CrossAttention(self.anchor.hidden_size, self.num_heads, self.head_dim, self.options, self.dtype,
-                              self.dtype, rope_theta, parent=None)

@@ -11,6 +11,7 @@ formula; only f_proj has one.
 
 The module has two entry points so the decoding cache can keep k/v per slot:
 `keys_values` (augmenting side, run once per token) and `attend` (anchor side).
+`connection_module(ccfg)` builds it from a CompositionConfig (the config holds data only).
 
 Parameters of one connection (a plain dict, the leaves of Θ_C):
   proj:       {kernel: D_A x D_B, bias: D_B}
@@ -30,15 +31,11 @@ address augmenting states by content. No new parameters.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import flax.linen as nn
 import jax.numpy as jnp
 
+from calm_jax.composition.config import CompositionConfig, CompositionOptions
 from calm_jax.model import RMSNorm, apply_rope, default_inv_freq, multihead_attention, rope_tables
-
-if TYPE_CHECKING:  # not imported here: calm_jax.composition imports this module
-    from calm_jax.composition import CompositionOptions
 
 GATE_INIT = 1.0
 QUERY_NORM_EPS = 1e-6
@@ -107,3 +104,11 @@ class CrossAttention(nn.Module):
     def __call__(self, h_BxSxE, h_BxTxD, mask_BxTxS, pos_BxS=None, pos_BxT=None):
         """Both halves in one call; used to create the parameters."""
         return self.attend(h_BxTxD, *self.keys_values(h_BxSxE, pos_BxS), mask_BxTxS, pos_BxT)
+
+
+def connection_module(ccfg: CompositionConfig) -> CrossAttention:
+    """The linen module of every connection of `ccfg` (they all have one shape: the anchor's width
+    out, any augmenting width in); its parameters are one connection's leaves of Θ_C."""
+    rope_theta = ccfg.anchor.rope_theta if ccfg.anchor.position == "rope" else 10000.0
+    return CrossAttention(ccfg.anchor.hidden_size, ccfg.num_heads, ccfg.head_dim, ccfg.options, ccfg.dtype,
+                          ccfg.dtype, rope_theta, parent=None)

@@ -13,7 +13,7 @@ from flax import struct
 
 from calm_jax import masks
 from calm_jax.composition.config import CompositionConfig, CompositionError
-from calm_jax.cross_attention import CrossAttention
+from calm_jax.composition.cross_attention import CrossAttention, connection_module
 from calm_jax.model import KVCache, LMOutput, forward, init_cache
 
 
@@ -112,7 +112,7 @@ def composed_forward(ccfg: CompositionConfig, params, tokens_BxT, mask_BxT=None,
     anchor_pos_BxT = positions(mask_BxT, None if cache is None else cache.anchor)
     new_aug_caches, new_k, new_v, terms = [], [], [], {}
     for m, (aug, pairs) in enumerate(zip(ccfg.augments, ccfg.connections)):
-        module = ccfg.cross_attention(m)
+        module = connection_module(ccfg)
         conn_params = [theta[f"augment_{m}"][f"conn_{c}"] for c in range(len(pairs))]
         if run_augments:
             aug_pos_BxT = positions(aug_mask_BxT, None if cache is None else cache.augments[m])

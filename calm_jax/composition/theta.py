@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax.composition.config import CompositionConfig
+from calm_jax.composition.cross_attention import connection_module
 
 
 def init_theta(ccfg: CompositionConfig, rng: jax.Array) -> dict:
     """Fresh Θ_C: {"augment_k": {"conn_c": {proj, q, k, v, o[, query_norm][, gate]}}} (plain dicts)."""
     theta = {}
+    module = connection_module(ccfg)
     for k, (aug, pairs) in enumerate(zip(ccfg.augments, ccfg.connections)):
-        module = ccfg.cross_attention(k)
         h_a = jnp.zeros((1, 1, aug.hidden_size), ccfg.dtype)
         h_b = jnp.zeros((1, 1, ccfg.anchor.hidden_size), ccfg.dtype)
         theta[f"augment_{k}"] = {

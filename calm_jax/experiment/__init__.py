@@ -4,7 +4,7 @@ An experiment supplies a `Task` (task.py: its data and tokenizer, D_C and eval s
 vanilla-m_A data, report text) and presets (spec.py: model sizes, training stages, seeds,
 composition options); `study` runs it:
 
-  spec     ModelSize, Stage, Seeds, Preset; apply_overrides ("train_C.steps=6000")
+  spec     ModelSize, Stage, Seeds, Preset (changed by calm_jax.overrides: "train_C.steps=6000")
   task     the Task interface, Data, SweepPoint
   stages   training a base model, Θ_C, anything else on D_C; recipe checks on reuse
   study    run_table1, run_ablations (Table 5 rows), run_sweep, run_seeds

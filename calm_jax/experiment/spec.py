@@ -1,16 +1,17 @@
 """What a CALM study is made of: model sizes, training stages, seeds and the preset joining them.
 
-A preset is one frozen dataclass tree; `apply_overrides` changes any of its fields from the
-command line ("train_C.steps=6000", "task.seed=1", "options.gate=True", "seeds.theta=4").
+A preset is one frozen dataclass tree; `calm_jax.overrides.apply_overrides` changes any of its
+fields from the command line ("train_C.steps=6000", "task.seed=1", "options.gate=True", "seeds.theta=4").
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 from typing import Any, Sequence
 
+from calm_jax import trainer
 from calm_jax.composition import CompositionOptions
+from calm_jax.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +24,7 @@ class ModelSize:
     mlp: int
     family: str = "llama"
 
-    def config(self, vocab_size: int, max_positions: int):
-        from calm_jax.config import ModelConfig
+    def config(self, vocab_size: int, max_positions: int) -> ModelConfig:
         common = dict(vocab_size=vocab_size, hidden_size=self.hidden, num_layers=self.layers, num_heads=self.heads,
                       num_kv_heads=self.heads, head_dim=self.hidden // self.heads, intermediate_size=self.mlp,
                       max_positions=max_positions)
@@ -53,10 +53,9 @@ class Stage:
     # examples as fit. Part of the recipe (a step sees more examples).
     pack: bool = False
 
-    def train_config(self, seq_len: int, seed: int):
+    def train_config(self, seq_len: int, seed: int) -> trainer.TrainConfig:
         """This stage as a calm_jax.trainer.TrainConfig (no periodic eval; one checkpoint at the end,
         and with save_every one every save_every steps, all kept)."""
-        from calm_jax import trainer
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, found {self.save_every}")
         keep = 1 if not self.save_every else -(-self.steps // self.save_every)  # every one of them
@@ -94,32 +93,6 @@ class Preset:
     options: CompositionOptions = CompositionOptions()
     eval_batch: int = 256
     seeds: Seeds = Seeds()
-
-
-def apply_overrides(preset, overrides: Sequence[str] = ()):
-    """`preset` with "FIELD=VALUE" or "PART.FIELD=VALUE" overrides applied, PART a dataclass
-    field of the preset (task, m_A, ..., options, seeds). VALUE is a Python literal (a bare
-    word is taken as a string). Raises ValueError naming a bad override."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not FIELD=VALUE")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        part, _, field = key.rpartition(".")
-        if part and not dataclasses.is_dataclass(getattr(preset, part, None)):
-            parts = [f.name for f in dataclasses.fields(preset) if dataclasses.is_dataclass(getattr(preset, f.name))]
-            raise ValueError(f"override {item!r}: {part!r} is not one of {', '.join(parts)}")
-        target = getattr(preset, part) if part else preset
-        names = {f.name for f in dataclasses.fields(target)}
-        if field not in names:
-            raise ValueError(f"override {item!r}: {type(target).__name__} has no field {field!r}; "
-                             f"fields: {', '.join(sorted(names))}")
-        changed = dataclasses.replace(target, **{field: value})
-        preset = dataclasses.replace(preset, **{part: changed}) if part else changed
-    return preset
 
 
 def label(name: str, overrides: Sequence[str] = ()) -> str:

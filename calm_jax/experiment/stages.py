@@ -17,7 +17,14 @@ import os
 import shutil
 import time
 
-from calm_jax import records
+import jax
+
+from calm_jax import checkpoint, composition, losses, records, trainer
+from calm_jax import data as data_lib
+from calm_jax.loaded import LoadedModel, Wiring, compose
+from calm_jax.loading import Pretrained, load_pretrained, save_pretrained
+from calm_jax.losses import lm_loss
+from calm_jax.model import PlainLM, init_params
 
 RECIPE_FILE = "recipe.json"
 # TrainConfig fields that do not change what is trained (how it is shown, saved or placed).
@@ -83,14 +90,6 @@ def train_base(name: str, size, stage, seq_len: int, tok, data_path: str, out: s
     Kept across runs: an existing OUT/name is loaded instead of retrained, after checking that
     it was trained on the same data with the same settings (check_recipe).
     """
-    import jax
-
-    from calm_jax import data as data_lib
-    from calm_jax import trainer
-    from calm_jax.loading import Pretrained, load_pretrained, save_pretrained
-    from calm_jax.losses import lm_loss
-    from calm_jax.model import PlainLM, init_params
-
     final = os.path.join(out, name)
     cfg = size.config(len(tok), max_positions)
     tcfg = stage.train_config(seq_len, seed)
@@ -113,20 +112,15 @@ def train_base(name: str, size, stage, seq_len: int, tok, data_path: str, out: s
     return load_pretrained(final)
 
 
-def composition_config(preset, m_A, m_B, **options):
-    """The preset's composition of m_B (anchor) with m_A; `options` flip CompositionOptions fields."""
-    from calm_jax import composition
-    return composition.CompositionConfig(anchor=m_B.config, augments=(m_A.config,), connections=(preset.connections,),
-                                         options=dataclasses.replace(preset.options, **options))
+def composition_wiring(preset, **options) -> Wiring:
+    """The preset's composition of m_A into m_B; `options` flip CompositionOptions fields."""
+    return Wiring(connections=(preset.connections,), options=dataclasses.replace(preset.options, **options))
 
 
 def train_on_dc(run_dir: str, stage, seq_len: int, tok, data_path: str, seed: int, loss_fn, trainable, frozen,
                 bases: dict):
     """calm_jax.trainer on D_C (`data_path`) into `run_dir` (resumed when there, recipe-checked);
     returns the trained tree."""
-    from calm_jax import data as data_lib
-    from calm_jax import trainer
-
     tcfg = stage.train_config(seq_len, seed)
     check_run_recipe(run_dir, training_recipe(tcfg, data_path))
     dataset = data_lib.load_dataset(data_path, tok, seq_len)
@@ -134,21 +128,20 @@ def train_on_dc(run_dir: str, stage, seq_len: int, tok, data_path: str, seed: in
     return trainer.train(run_dir, tcfg, loss_fn, trainable, frozen, dataset, bases=bases, resume=True).trainable
 
 
-def train_composition(run_dir: str, ccfg, stage, seq_len: int, tok, data_path: str, m_A, m_B, seed: int,
-                      encoder_mode: bool = False):
-    """Trains Θ_C on D_C with both models frozen (the trainer of `train.compose`); returns Θ_C.
+def train_composition(run_dir: str, wiring: Wiring, stage, seq_len: int, tok, data_path: str, m_A: Pretrained,
+                      m_B: Pretrained, seed: int, encoder_mode: bool = False) -> LoadedModel:
+    """Trains Θ_C on D_C with both models frozen (the trainer of `train.compose`); returns the
+    composition (calm_jax.loaded.compose) with the trained Θ_C.
 
     encoder_mode: the paper's "m_A as encoder" ablation (m_A sees only each example's prompt:
-      losses.encoder_mode_loss).
+      losses.encoder_mode_loss, and encoder-mode decoding).
     """
-    import jax
-
-    from calm_jax import checkpoint, composition, losses
-
-    theta = composition.init_theta(ccfg, jax.random.key(seed))
+    lm = compose(m_B, [m_A], wiring=wiring, theta_seed=seed, encoder_mode=encoder_mode)
+    ccfg, theta = lm.composition, lm.params["theta"]
     print(composition.describe(ccfg, theta))
     checkpoint.save_composition_config(run_dir, ccfg)
     loss_fn = (losses.encoder_mode_loss(ccfg) if encoder_mode
                else losses.lm_loss(composition.ComposedLM(ccfg).apply, losses.join_composition))
-    return train_on_dc(run_dir, stage, seq_len, tok, data_path, seed, loss_fn, theta,
-                       {"anchor": m_B.params, "augments": (m_A.params,)}, checkpoint.composition_bases(m_B, [m_A]))
+    frozen = {"anchor": lm.params["anchor"], "augments": lm.params["augments"]}
+    return lm.with_theta(train_on_dc(run_dir, stage, seq_len, tok, data_path, seed, loss_fn, theta, frozen,
+                                     checkpoint.composition_bases(m_B, [m_A])))

@@ -34,13 +34,23 @@ import shutil
 import time
 from typing import Sequence
 
-from calm_jax import evaluation
-from calm_jax.composition import CompositionOptions
+import jax
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from calm_jax import checkpoint, composition, evaluation, lora
+from calm_jax import data as data_lib
+from calm_jax.composition import CompositionOptions, param_count
 from calm_jax.data import read_jsonl, write_json, write_jsonl
 from calm_jax.experiment import report, spec, workers as workers_lib
-from calm_jax.experiment.stages import Timer, composition_config, train_base, train_composition, train_on_dc
+from calm_jax.experiment.task import Data, Task
+from calm_jax.loading import Pretrained
+from calm_jax.losses import lm_loss
+from calm_jax.model import PlainLM, init_params
+from calm_jax.overrides import apply_overrides
+from calm_jax.experiment.stages import Timer, composition_wiring, train_base, train_composition, train_on_dc
 
-OPTIONS = tuple(f.name for f in dataclasses.fields(CompositionOptions))
+OPTIONS = CompositionOptions.names()
 ABLATIONS = ("m_A", "m_B", "calm", "random_m_A", "vanilla_m_A", "encoder_m_A", "lora_m_B", "finetune_m_B", *OPTIONS)
 # Seeds of the ablation rows' own draws.
 RANDOM_M_A_SEED = 11
@@ -54,30 +64,25 @@ _COST_ORDER = ("finetune_m_B", "lora_m_B", "vanilla_m_A", *reversed(OPTIONS), "e
 class Study:
     """What every stage after the data needs: the preset, the files, the base models, the eval sets."""
 
-    task: object  # calm_jax.experiment.task.Task
+    task: Task
     preset_name: str
     overrides: tuple
     preset: spec.Preset
     out: str  # this study's directory (OUT, OUT/ablations, OUT/sweep)
     main_out: str  # OUT: its base models and Table 1's Θ_C are shared
-    data: object  # calm_jax.experiment.task.Data
-    tok: object
-    m_A: object  # loading.Pretrained
-    m_B: object
-    eval_sets: dict
+    data: Data
+    tok: PreTrainedTokenizerBase
+    m_A: Pretrained
+    m_B: Pretrained
+    eval_sets: dict[str, list[dict]]
 
     @property
     def title(self) -> str:
         return f"preset `{spec.label(self.preset_name, self.overrides)}`"
 
-    def frozen(self, m_A=None) -> dict:
-        return {"anchor": self.m_B.params, "augments": ((m_A or self.m_A).params,)}
-
     def evaluate(self, label: str, model, params, eval_sets: dict | None = None, bar=None) -> dict:
         """Greedy generation (jitted, cached; iterative for a composition) and exact match per
         eval set (calm_jax.evaluation); predictions to OUT/predictions/LABEL-SET.jsonl."""
-        from tqdm.auto import tqdm
-
         eval_sets = self.eval_sets if eval_sets is None else eval_sets
         own_bar = bar is None
         bar = bar or tqdm(total=len(eval_sets), desc=f"eval {label}", unit="set", dynamic_ncols=True)
@@ -114,11 +119,11 @@ def base_models(task, preset, out: str, tok, data):
 
 
 def get_preset(task, name: str, overrides: Sequence[str] = ()) -> spec.Preset:
-    """The task's preset `name` with `overrides` (spec.apply_overrides). Raises ValueError."""
+    """The task's preset `name` with `overrides` (calm_jax.overrides.apply_overrides). Raises ValueError."""
     presets = task.presets()
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
-    return spec.apply_overrides(presets[name], overrides)
+    return apply_overrides(presets[name], overrides)
 
 
 def setup(task, preset_name: str, out: str, sub: str = "", overrides=(), write: bool = True,
@@ -141,7 +146,7 @@ def setup(task, preset_name: str, out: str, sub: str = "", overrides=(), write: 
 class _Setup:
     """setup() as a picklable value (equal arguments: equal), for worker processes."""
 
-    task: object
+    task: Task
     preset_name: str
     out: str
     sub: str
@@ -155,11 +160,6 @@ class _Setup:
 
 def run_table1(task, preset_name: str, out: str, fresh: bool = False, overrides=()) -> dict:
     """The whole experiment; returns the table1.json content."""
-    from tqdm.auto import tqdm
-
-    from calm_jax.composition import ComposedLM
-    from calm_jax.model import PlainLM
-
     start = time.perf_counter()
     if fresh and os.path.isdir(out):
         shutil.rmtree(out)
@@ -177,9 +177,8 @@ def run_table1(task, preset_name: str, out: str, fresh: bool = False, overrides=
         m_B = train_base("m_B", preset.m_B, preset.train_B, data.seq_lens["m_B"], tok, data.paths["m_B"], out,
                          seed=preset.seeds.m_B, max_positions=max_positions(data))
     with timer.stage("calm"):
-        ccfg = composition_config(preset, m_A, m_B)
-        theta = train_composition(os.path.join(out, "calm"), ccfg, preset.train_C, data.seq_lens["calm"], tok,
-                                  data.paths["calm"], m_A, m_B, seed=preset.seeds.theta)
+        calm = train_composition(os.path.join(out, "calm"), composition_wiring(preset), preset.train_C,
+                                 data.seq_lens["calm"], tok, data.paths["calm"], m_A, m_B, seed=preset.seeds.theta)
     eval_sets = {s: read_jsonl(data.paths[f"eval_{s}"]) for s in task.eval_sets}
     study = Study(task, preset_name, tuple(overrides), preset, out, out, data, tok, m_A, m_B, eval_sets)
     results = {}
@@ -187,7 +186,7 @@ def run_table1(task, preset_name: str, out: str, fresh: bool = False, overrides=
         with tqdm(total=len(report.MODELS) * len(eval_sets), desc="eval", unit="set", dynamic_ncols=True) as bar:
             results["m_A"] = study.evaluate("m_A", PlainLM(m_A.config), m_A.params, bar=bar)
             results["m_B"] = study.evaluate("m_B", PlainLM(m_B.config), m_B.params, bar=bar)
-            results["calm"] = study.evaluate("calm", ComposedLM(ccfg), {"theta": theta, **study.frozen()}, bar=bar)
+            results["calm"] = study.evaluate("calm", calm.model, calm.params, bar=bar)
     timer.seconds["total"] = round(time.perf_counter() - start, 1)
     table = {**results, "config": study.describe(), "seconds": timer.seconds}
     title = f"{task.title}, {study.title}: {task.plot_subtitle(preset, data)}; total {timer.seconds['total']:.0f}s"
@@ -201,8 +200,6 @@ def run_table1(task, preset_name: str, out: str, fresh: bool = False, overrides=
 # --- ablations: each row returns (scores, trainable parameter count, note) -------------------------------
 
 def _plain_row(study: Study, name: str):
-    from calm_jax.model import PlainLM
-
     model = getattr(study, name)
     return study.evaluate(name, PlainLM(model.config), model.params), 0, "base model alone"
 
@@ -210,14 +207,10 @@ def _plain_row(study: Study, name: str):
 def _composition_row(study: Study, name: str, m_A, note: str, run_dir: str | None = None, encoder_mode=False,
                      **options):
     """Θ_C trained (into run_dir, default OUT/ablations/<name>) with `m_A` as the augmenting model."""
-    from calm_jax.composition import ComposedLM, param_count
-
-    ccfg = composition_config(study.preset, m_A, study.m_B, **options)
-    theta = train_composition(run_dir or os.path.join(study.out, name), ccfg, study.preset.train_C,
-                              study.data.seq_lens["calm"], study.tok, study.data.paths["calm"], m_A, study.m_B,
-                              seed=study.preset.seeds.theta, encoder_mode=encoder_mode)
-    scores = study.evaluate(name, ComposedLM(ccfg, encoder_mode=encoder_mode), {"theta": theta, **study.frozen(m_A)})
-    return scores, param_count(theta), note
+    calm = train_composition(run_dir or os.path.join(study.out, name), composition_wiring(study.preset, **options),
+                             study.preset.train_C, study.data.seq_lens["calm"], study.tok, study.data.paths["calm"],
+                             m_A, study.m_B, seed=study.preset.seeds.theta, encoder_mode=encoder_mode)
+    return study.evaluate(name, calm.model, calm.params), param_count(calm.params["theta"]), note
 
 
 def _calm_row(study: Study, name: str):
@@ -228,19 +221,12 @@ def _calm_row(study: Study, name: str):
 
 
 def _random_row(study: Study, name: str):
-    import jax
-
-    from calm_jax.loading import Pretrained
-    from calm_jax.model import init_params
-
     cfg = study.m_A.config
     m_random = Pretrained(cfg, init_params(cfg, jax.random.key(RANDOM_M_A_SEED)), study.tok)
     return _composition_row(study, name, m_random, f"m_A = untrained model of m_A's config (seed {RANDOM_M_A_SEED})")
 
 
 def _vanilla_row(study: Study, name: str):
-    from calm_jax import data as data_lib
-
     records, what = study.task.vanilla_m_A_records(study.preset, study.data)
     path = os.path.join(study.out, "data", f"{name}.jsonl")
     write_jsonl(path, records)
@@ -258,12 +244,7 @@ def _encoder_row(study: Study, name: str):
 
 
 def _lora_row(study: Study, name: str):
-    import jax
-
-    from calm_jax import checkpoint, composition, lora
-    from calm_jax.losses import lm_loss
-
-    ccfg = composition_config(study.preset, study.m_A, study.m_B)
+    ccfg = composition_wiring(study.preset).config(study.m_B.config, [study.m_A.config])
     budget = composition.param_count(jax.eval_shape(lambda: composition.init_theta(ccfg, jax.random.key(0))))
     cfg = study.m_B.config
     rank = lora.rank_for_budget(cfg, budget)
@@ -279,11 +260,6 @@ def _lora_row(study: Study, name: str):
 
 
 def _finetune_row(study: Study, name: str):
-    from calm_jax import checkpoint
-    from calm_jax.composition import param_count
-    from calm_jax.losses import lm_loss
-    from calm_jax.model import PlainLM
-
     model = PlainLM(study.m_B.config)
     params = _train_on_dc(study, name, lm_loss(model.apply), study.m_B.params, {},
                           {"init": checkpoint.fingerprint(study.m_B.config, study.m_B.params)})
@@ -368,18 +344,15 @@ def run_ablations(task, preset_name: str, out: str, overrides=(), workers: int |
 
 def sweep_point(study: Study, name: str) -> dict:
     """Θ_C on the D_C of the task's sweep point `name`, scored on the point's eval sets."""
-    from calm_jax.composition import ComposedLM
-
     point = next(p for p in study.task.sweep_points(study.preset) if p.name == name)
     work = os.path.join(study.out, name)
     data, eval_sets, info = study.task.sweep_data(study, point, work)
-    ccfg = composition_config(study.preset, study.m_A, study.m_B)
     # A point whose preset is the study's has Table 1's D_C: its Θ_C (OUT/calm) is reused (recipe-checked).
     theta_dir = os.path.join(study.main_out if point.preset == study.preset else work, "calm")
-    theta = train_composition(theta_dir, ccfg, study.preset.train_C, data.seq_lens["calm"], study.tok,
-                              data.paths["calm"], study.m_A, study.m_B, seed=study.preset.seeds.theta)
+    calm = train_composition(theta_dir, composition_wiring(study.preset), study.preset.train_C, data.seq_lens["calm"],
+                             study.tok, data.paths["calm"], study.m_A, study.m_B, seed=study.preset.seeds.theta)
     at_point = dataclasses.replace(study, out=work, eval_sets=eval_sets)
-    scores = at_point.evaluate(f"calm-{name}", ComposedLM(ccfg), {"theta": theta, **study.frozen()})
+    scores = at_point.evaluate(f"calm-{name}", calm.model, calm.params)
     dc_prompts = [r["prompt"] for r in read_jsonl(data.paths["calm"])]
     return {**info, "dc_examples": len(dc_prompts), "dc_distinct": len(set(dc_prompts)), **scores,
             "theta_dir": os.path.relpath(theta_dir, study.main_out),

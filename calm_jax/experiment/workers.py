@@ -6,15 +6,20 @@ processes, one core each, finish sooner than the same jobs one after the other o
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import sys
 from typing import Callable, Sequence
 
+import jax
+from tqdm.auto import tqdm
+
+from calm_jax.experiment.stages import Timer
+
 
 def default_workers(jobs: int) -> int:
     """One worker process per usable CPU core (at most `jobs`) on CPU; 1 on an accelerator."""
-    import jax
-
     if jax.default_backend() != "cpu":
         return 1
     return max(1, min(jobs, len(usable_cores())))
@@ -26,8 +31,6 @@ def usable_cores() -> list[int]:
 
 def core_sets(workers: int) -> list:
     """Disjoint CPU core lists, one per worker (None each: not pinned, when not on CPU)."""
-    import jax
-
     if jax.default_backend() != "cpu" or not hasattr(os, "sched_setaffinity"):
         return [None] * workers
     cores = usable_cores()
@@ -54,11 +57,6 @@ def run_jobs(kind: str, names: Sequence[str], job: Callable, setup: Callable, wo
                 result = job(context, name)
             done(name, result)
         return
-    import concurrent.futures
-    import multiprocessing
-
-    from tqdm.auto import tqdm
-
     cores = core_sets(workers)
     print(f"{kind}: {len(names)} jobs in {workers} worker processes"
           + (f" (cores {', '.join(map(str, cores))})" if cores[0] is not None else "")
@@ -102,8 +100,6 @@ _CONTEXTS: dict = {}  # per worker process: setup()'s result, by setup
 
 def _worker_job(job, setup, name: str, log: str):
     """One job in a worker process, its output (Python's and the runtime's) into `log`."""
-    from calm_jax.experiment.stages import Timer
-
     sys.stdout.flush()
     sys.stderr.flush()
     os.makedirs(os.path.dirname(log), exist_ok=True)

@@ -23,7 +23,11 @@ import os
 import re
 import sys
 
+from calm_jax import checkpoint, composition, evaluation
 from calm_jax.data import read_jsonl, write_json, write_jsonl
+from calm_jax.loading import load_pretrained
+
+from .task import TASK
 
 _KEYS = re.compile("[a-z]+")
 
@@ -61,10 +65,6 @@ def held_in_split(ablations: str) -> tuple[int, dict]:
 
 def curve(run: str, sets=("kv_arithmetic_heldout",), batch_size: int = 256) -> dict:
     """{step: {eval set: exact match}} of RUN's Θ_C at each of its kept checkpoints."""
-    from calm_jax import checkpoint, composition, evaluation
-    from calm_jax.loading import load_pretrained
-    from train.kv_arithmetic.task import TASK
-
     calm = os.path.join(run, "calm")
     steps = checkpoint.composition_steps(calm)
     m_A, m_B = load_pretrained(os.path.join(run, "m_A")), load_pretrained(os.path.join(run, "m_B"))
@@ -73,7 +73,7 @@ def curve(run: str, sets=("kv_arithmetic_heldout",), batch_size: int = 256) -> d
     max_new_tokens = TASK.max_new_tokens(tok, records)
     out = {}
     for step in steps:
-        ccfg, theta = checkpoint.load_composition(calm, m_B, [m_A], step=step)
+        ccfg, theta = checkpoint.load_theta(calm, m_B, [m_A], step=step)
         params = {"theta": theta, "anchor": m_B.params, "augments": (m_A.params,)}
         out[step] = {}
         for name, recs in records.items():
