@@ -28,7 +28,7 @@ import shutil
 import sys
 
 from calm_jax.experiment import study
-from train.kv_arithmetic.task import TASK
+from .task import TASK
 
 
 def _seed_list(parser, flag: str, text: str | None) -> list[int] | None:

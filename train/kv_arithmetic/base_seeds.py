@@ -18,19 +18,19 @@ import os
 import sys
 import time
 
-from train.kv_arithmetic.__main__ import _seed_list
+from calm_jax import evaluation
+from calm_jax.data import read_jsonl
+from calm_jax.experiment import study
+from calm_jax.experiment.stages import train_base
+from calm_jax.model import PlainLM
+
+from .__main__ import _seed_list
+from .task import TASK
 
 EVAL_SET = {"m_A": "kv_substitution", "m_B": "numeric_arithmetic"}
 
 
 def train_and_score(which: str, data_seed: int, seed: int, out: str, overrides=(), preset_name: str = "default") -> dict:
-    from calm_jax import evaluation
-    from calm_jax.data import read_jsonl
-    from calm_jax.experiment import study
-    from calm_jax.experiment.stages import train_base
-    from calm_jax.model import PlainLM
-    from train.kv_arithmetic.task import TASK
-
     preset = study.get_preset(TASK, preset_name, [f"task.seed={data_seed}", *overrides])
     tok = TASK.tokenizer()
     start = time.perf_counter()

@@ -7,7 +7,7 @@ import dataclasses
 
 from calm_jax.composition import CompositionOptions
 from calm_jax.experiment.spec import ModelSize, Preset, Stage
-from train.kv_arithmetic.data import PAPER, KVTaskConfig
+from .data import PAPER, KVTaskConfig
 
 # Chosen so `make demo` fits 20 minutes on 2 CPU cores (see README for the deviations).
 DEFAULT = Preset(

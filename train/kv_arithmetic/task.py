@@ -13,8 +13,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
+
+from calm_jax import data as data_lib
+from calm_jax.data import write_jsonl
 from calm_jax.experiment.task import Data, SweepPoint, Task
-from train.kv_arithmetic import data as kv_data
+
+from . import data as kv_data
+from .presets import PRESETS
 
 # Accuracy %, paper Table 1; its one KV-Arithmetic figure stands beside both of ours.
 PAPER_TABLE1 = {
@@ -38,7 +44,6 @@ def m_A_records(kv, exprs) -> list[dict]:
 
 def seq_len(tok, records) -> int:
     """The longest encoded example (with EOS), rounded up to a multiple of 8."""
-    from calm_jax import data as data_lib
     return -(-max(len(data_lib.encode(tok, r, append_eos=True)[0]) for r in records) // 8) * 8
 
 
@@ -80,15 +85,12 @@ class KVTask(Task):
                   "models were trained on (each fraction draws its own held-out set).\n")
 
     def presets(self) -> dict:
-        from train.kv_arithmetic.presets import PRESETS
         return PRESETS
 
     def tokenizer(self):
         return kv_data.make_tokenizer()
 
     def build_data(self, preset, out: str, write: bool = True) -> Data:
-        from calm_jax.data import write_jsonl
-
         cfg = preset.task
         kv = kv_data.make_kv_data(cfg)
         tok = self.tokenizer()
@@ -127,8 +129,6 @@ class KVTask(Task):
 
     def vanilla_m_A_records(self, preset, data: Data) -> tuple[list[dict], str]:
         """m_A's expressions, substituted under another key -> value mapping (VANILLA_VALUES_SEED)."""
-        import numpy as np
-
         kv = data.state
         values = tuple(int(v) for v in np.random.default_rng(VANILLA_VALUES_SEED).permutation(kv.values))
         records = m_A_records(dataclasses.replace(kv, values=values),
@@ -142,8 +142,6 @@ class KVTask(Task):
             held_in_fraction=f))) for f in SWEEP_FRACTIONS]
 
     def sweep_data(self, study, point: SweepPoint, out: str):
-        from calm_jax.data import write_jsonl
-
         data = self.build_data(point.preset, out)
         kv = data.state
         if (kv.keys, kv.values) != (study.data.state.keys, study.data.state.values):
