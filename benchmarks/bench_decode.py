@@ -158,8 +158,8 @@ def main():
         print(f"# compiled and ran {name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         assert int(outputs[name].num_B.min()) == args.new, "every row must decode all new tokens"
     if "composed_iterative_nocache" in outputs:  # the same computation as the cached iterative loop
-        assert np.array_equal(outputs["composed_iterative"].tokens_BxN,
-                              outputs["composed_iterative_nocache"].tokens_BxN)
+        assert np.array_equal(outputs["composed_iterative"].tokens_BxM,
+                              outputs["composed_iterative_nocache"].tokens_BxM)
 
     # The machine's rates, measured in the same rounds as the variants.
     big = jnp.ones((2 ** 28,), jnp.float32)  # 1 GiB

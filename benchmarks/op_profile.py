@@ -111,14 +111,14 @@ def weight_matmuls(cfg, params, rows: int, head: bool = False):
                for i in range(cfg.num_layers) for n in names] + ([params["lm_head"]["kernel"]] if head else [])
 
     @jax.jit
-    def chain(weights, h_RxD):
+    def chain(weights, h_BxD):
         for layer in range(cfg.num_layers):
             q, k, v, o, gate, up, down = weights[7 * layer:7 * layer + 7]
-            kv_Rx1 = jnp.sum(h_RxD @ k, -1, keepdims=True) + jnp.sum(h_RxD @ v, -1, keepdims=True)  # k, v kept live
-            h_RxD = h_RxD + (h_RxD @ q) @ o + 1e-3 * kv_Rx1
-            h_RxD = h_RxD + (jax.nn.silu(h_RxD @ gate) * (h_RxD @ up)) @ down
-        return h_RxD @ weights[-1] if head else h_RxD
+            kv_Bx1 = jnp.sum(h_BxD @ k, -1, keepdims=True) + jnp.sum(h_BxD @ v, -1, keepdims=True)  # k, v kept live
+            h_BxD = h_BxD + (h_BxD @ q) @ o + 1e-3 * kv_Bx1
+            h_BxD = h_BxD + (jax.nn.silu(h_BxD @ gate) * (h_BxD @ up)) @ down
+        return h_BxD @ weights[-1] if head else h_BxD
 
-    h_RxD = jnp.ones((rows, cfg.hidden_size), jnp.float32)
+    h_BxD = jnp.ones((rows, cfg.hidden_size), jnp.float32)
     flops = 2 * rows * sum(w.size for w in weights)
-    return (lambda: chain(weights, h_RxD)), flops, sum(w.size * w.dtype.itemsize for w in weights)
+    return (lambda: chain(weights, h_BxD)), flops, sum(w.size * w.dtype.itemsize for w in weights)

@@ -79,7 +79,7 @@ class Generation:
 
 @struct.dataclass
 class DecodeOutput:
-    tokens_BxN: jax.Array  # generated ids; -1 after a row has stopped
+    tokens_BxM: jax.Array  # generated ids; -1 after a row has stopped
     num_B: jax.Array  # tokens generated per row, stop token included
     stopped_B: jax.Array  # the row ended on a stop token
 
@@ -87,7 +87,7 @@ class DecodeOutput:
 @struct.dataclass
 class _State:
     step: jax.Array  # scalar: tokens generated so far (same for every row still running)
-    tokens_BxN: jax.Array
+    tokens_BxM: jax.Array
     num_B: jax.Array
     done_B: jax.Array
     stopped_B: jax.Array
@@ -136,23 +136,23 @@ def select_token(logits_BxV, sampling: Sampling, rng, num_tokens: int | None = N
     return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def _record(state: _State, token_B, stop_ids_S) -> _State:
+def _record(state: _State, token_B, stop_ids_Z) -> _State:
     running_B = ~state.done_B
-    is_stop_B = (token_B[:, None] == stop_ids_S[None, :]).any(-1)
-    tokens_BxN = state.tokens_BxN.at[:, state.step].set(jnp.where(running_B, token_B, -1))
-    return state.replace(step=state.step + 1, tokens_BxN=tokens_BxN, num_B=state.num_B + running_B,
+    is_stop_B = (token_B[:, None] == stop_ids_Z[None, :]).any(-1)
+    tokens_BxM = state.tokens_BxM.at[:, state.step].set(jnp.where(running_B, token_B, -1))
+    return state.replace(step=state.step + 1, tokens_BxM=tokens_BxM, num_B=state.num_B + running_B,
                          done_B=state.done_B | is_stop_B, stopped_B=state.stopped_B | (running_B & is_stop_B))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "use_cache", "num_tokens"))
-def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_tokens: int,
+def decode(model, params, tokens_BxP, mask_BxP, stop_ids_Z, rng, *, max_new_tokens: int,
            sampling: Sampling = Sampling(), use_cache: bool = True, num_tokens: int | None = None) -> DecodeOutput:
     """Generates up to `max_new_tokens` per row, all inside one compiled function.
 
     model: a static argument, so hashable: models that compare equal (PlainLM, ComposedLM,
       LoRALM of equal configs) share the compiled function.
     tokens_BxP/mask_BxP: left-padded prompts (every row's last slot is a real token).
-    stop_ids_S: int32 ids that end a row (kept as its last token); S may be 0.
+    stop_ids_Z: int32 ids that end a row (kept as its last token); Z may be 0.
     rng: a PRNG key (unused when greedy).
     use_cache=False re-runs the full forward over a fixed (P + max_new_tokens) buffer every
       step: the no-cache baseline for benchmarks, equal to cached decoding for a plain LM
@@ -179,16 +179,16 @@ def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_toke
         context = (buf_BxL, bmask_BxL)
         logits_BxV = model.apply(params, buf_BxL, bmask_BxL).logits_BxTxV[:, p - 1]
     rng, key = jax.random.split(rng)
-    state = _State(step=jnp.zeros((), jnp.int32), tokens_BxN=jnp.full((b, n), -1, jnp.int32),
+    state = _State(step=jnp.zeros((), jnp.int32), tokens_BxM=jnp.full((b, n), -1, jnp.int32),
                    num_B=jnp.zeros((b,), jnp.int32), done_B=jnp.zeros((b,), bool),
                    stopped_B=jnp.zeros((b,), bool), context=context, rng=rng)
-    state = _record(state, select(logits_BxV, rng=key), stop_ids_S)
+    state = _record(state, select(logits_BxV, rng=key), stop_ids_Z)
 
     def cond(s: _State):
         return (s.step < n) & ~jnp.all(s.done_B)
 
     def body(s: _State):
-        last_B = s.tokens_BxN[:, s.step - 1]
+        last_B = s.tokens_BxM[:, s.step - 1]
         # Finished rows feed padding: their caches stop gaining valid slots.
         feed_B = jnp.where(s.done_B, 0, last_B)
         if use_cache:
@@ -203,10 +203,10 @@ def decode(model, params, tokens_BxP, mask_BxP, stop_ids_S, rng, *, max_new_toke
             context = (buf_BxL, bmask_BxL)
             logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, slot, axis=1, keepdims=False)
         rng, key = jax.random.split(s.rng)
-        return _record(s.replace(context=context, rng=rng), select(logits_BxV, rng=key), stop_ids_S)
+        return _record(s.replace(context=context, rng=rng), select(logits_BxV, rng=key), stop_ids_Z)
 
     state = jax.lax.while_loop(cond, body, state)
-    return DecodeOutput(tokens_BxN=state.tokens_BxN, num_B=state.num_B, stopped_B=state.stopped_B)
+    return DecodeOutput(tokens_BxM=state.tokens_BxM, num_B=state.num_B, stopped_B=state.stopped_B)
 
 
 def resolve_stop_ids(stop: Sequence[str | int], vocab_size: int, tokenizer=None,
@@ -316,7 +316,7 @@ def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_t
     stop_ids = resolve_stop_ids(stop, num_tokens, tokenizer, stop_at_eos)
     # Padded with -1 (never generated) to a multiple of 8, so the stop list rarely changes the compiled shape.
     width = max(8, -(-len(stop_ids) // 8) * 8)
-    stop_ids_S = jnp.asarray(stop_ids + [-1] * (width - len(stop_ids)), jnp.int32)
+    stop_ids_Z = jnp.asarray(stop_ids + [-1] * (width - len(stop_ids)), jnp.int32)
     batch_size = batch_size or len(ids)
     rng = jax.random.key(seed)
     results = []
@@ -325,12 +325,12 @@ def generate(model, params, prompts: Sequence[str | Sequence[int]], *, max_new_t
         rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
         length = data_lib.bucket_length(max(map(len, rows)), MIN_BUCKET)
         tokens_BxP, mask_BxP = data_lib.pad_batch(rows, length, left=True)
-        out = jax.device_get(decode(model, params, tokens_BxP, mask_BxP, stop_ids_S,
+        out = jax.device_get(decode(model, params, tokens_BxP, mask_BxP, stop_ids_Z,
                                     jax.random.fold_in(rng, start), max_new_tokens=max_new_tokens, sampling=sampling,
                                     # None when nothing is masked: one compiled function with or without a tokenizer
                                     num_tokens=num_tokens if num_tokens < model.vocab_size else None))
         for r in range(len(chunk)):
-            toks = [int(t) for t in out.tokens_BxN[r, :int(out.num_B[r])]]
+            toks = [int(t) for t in out.tokens_BxM[r, :int(out.num_B[r])]]
             stopped = bool(out.stopped_B[r])
             text = None
             if tokenizer is not None:

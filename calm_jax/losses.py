@@ -64,7 +64,7 @@ def chunked_next_token_loss(head: Callable[[jax.Array], jax.Array], h_BxTxD, tok
         h_BxTxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
         next_BxT, w_BxT = jnp.pad(next_BxT, ((0, 0), (0, pad))), jnp.pad(w_BxT, ((0, 0), (0, pad)))
 
-    def chunks(x_BxT):  # -> x_KxBxC: K chunks of C positions
+    def chunks(x_BxT):  # -> x_QxBxC: Q chunks of C positions
         return jnp.swapaxes(x_BxT.reshape(b, -1, chunk, *x_BxT.shape[2:]), 0, 1)
 
     @jax.checkpoint
@@ -72,8 +72,8 @@ def chunked_next_token_loss(head: Callable[[jax.Array], jax.Array], h_BxTxD, tok
         h_BxCxD, next_BxC, w_BxC = xs
         return _nll_sums(head(h_BxCxD), next_BxC, w_BxC)
 
-    loss_K, n_K = jax.lax.map(one, (chunks(h_BxTxD), chunks(next_BxT), chunks(w_BxT)))
-    return jnp.sum(loss_K), jnp.sum(n_K)
+    loss_Q, n_Q = jax.lax.map(one, (chunks(h_BxTxD), chunks(next_BxT), chunks(w_BxT)))
+    return jnp.sum(loss_Q), jnp.sum(n_Q)
 
 
 def lm_loss(apply: Callable, join: Callable[[Any, Any], Any] | None = None) -> LossFn:

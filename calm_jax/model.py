@@ -10,6 +10,19 @@ Tap convention: `taps[i]` is the residual stream after decoder layer i (0-based)
 any hook at layer i has run. Without hooks, `taps[i]` equals HF's `hidden_states[i + 1]`
 for i < num_layers - 1; HF's last entry `hidden_states[num_layers]` is the final-normed
 stream, i.e. `final_norm(taps[num_layers - 1])`.
+
+Shapes are in tensor names (`h_BxTxD`: axes B, T, D), one letter per axis, the same meaning
+everywhere in calm_jax, train/, eval/, benchmarks/ and tests/:
+  B  batch rows                      T  positions of the input (the queries)
+  S  key slots: a KV cache's slots, or the augmenting positions a cross-attention reads
+  D  model width (in the composition: the anchor's)   E  an augmenting model's width
+  F  MLP width                       V  vocabulary rows (the logits' width)
+  H  query heads    G  key/value heads    R  query heads per key/value head (H = G R)
+  K  head size                       C  positions per chunk    Q  chunks
+  N  a dataset's examples            P  prompt positions       M  generated (new) tokens
+  L  a decoding buffer's positions (prompt + generated)        Z  stop ids
+  1  an axis of size 1 kept for broadcasting
+A name with no suffix is a scalar, a pytree, or an array whose shape the code does not fix.
 """
 
 from __future__ import annotations
@@ -131,17 +144,17 @@ def multihead_attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS, scale: floa
         return out_BxTxGxRxK.reshape(b, t, h, kd)
     n = -(-t // q_chunk)
     pad = n * q_chunk - t  # padded query rows attend nothing (uniform softmax) and are dropped
-    q_NxBxCxGxRxK = jnp.pad(q_BxTxGxRxK, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).reshape(
+    q_QxBxCxGxRxK = jnp.pad(q_BxTxGxRxK, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).reshape(
         b, n, q_chunk, g, h // g, kd).swapaxes(0, 1)
-    mask_NxBxCxS = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0))).reshape(b, n, q_chunk, -1).swapaxes(0, 1)
+    mask_QxBxCxS = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0))).reshape(b, n, q_chunk, -1).swapaxes(0, 1)
 
     @jax.checkpoint
     def chunk(args):
         q_BxCxGxRxK, mask_BxCxS = args
         return _attention_rows(q_BxCxGxRxK, k_BxGxSxK, v_BxGxSxK, mask_BxCxS, scale, logit_cap)
 
-    out_NxBxCxGxRxK = jax.lax.map(chunk, (q_NxBxCxGxRxK, mask_NxBxCxS))
-    return out_NxBxCxGxRxK.swapaxes(0, 1).reshape(b, n * q_chunk, h, kd)[:, :t]
+    out_QxBxCxGxRxK = jax.lax.map(chunk, (q_QxBxCxGxRxK, mask_QxBxCxS))
+    return out_QxBxCxGxRxK.swapaxes(0, 1).reshape(b, n * q_chunk, h, kd)[:, :t]
 
 
 def default_inv_freq(dim: int, theta: float) -> np.ndarray:

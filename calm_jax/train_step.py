@@ -68,11 +68,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gr
         if grad_accum == 1:
             loss_sum, n, grads = grads_of(trainable, frozen, batch)
         else:
-            def split(x_BxR):
-                b = x_BxR.shape[0]
+            def split(x):
+                b = x.shape[0]
                 # Rows i, i+k, i+2k, ... form micro-batch i, so each device's contiguous shard
                 # of the batch feeds every micro-batch and no rows move between devices.
-                return jnp.swapaxes(x_BxR.reshape(b // grad_accum, grad_accum, *x_BxR.shape[1:]), 0, 1)
+                return jnp.swapaxes(x.reshape(b // grad_accum, grad_accum, *x.shape[1:]), 0, 1)
 
             def body(carry, micro):
                 loss_sum, n, grads = grads_of(trainable, frozen, micro)

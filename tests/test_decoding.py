@@ -134,7 +134,7 @@ def test_uncached_decode_loop_equals_cached(plain):
     # Same model and prompts as the test above, whose reference checks every step's margin.
     cached = decoding.decode(*args, max_new_tokens=N_NEW)
     uncached = decoding.decode(*args, max_new_tokens=N_NEW, use_cache=False)
-    np.testing.assert_array_equal(cached.tokens_BxN, uncached.tokens_BxN)
+    np.testing.assert_array_equal(cached.tokens_BxM, uncached.tokens_BxM)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_rows_that_stop_do_not_change_and_loop_exits(plain):
     stops = jnp.asarray(sorted({r[0] for r in free}), jnp.int32)  # every row stops at its first token
     out = decoding.decode(model, params, tokens, mask, stops, jax.random.key(0), max_new_tokens=N_NEW)
     np.testing.assert_array_equal(out.num_B, [1, 1, 1])
-    np.testing.assert_array_equal(out.tokens_BxN[:, 1:], -1)
+    np.testing.assert_array_equal(out.tokens_BxM[:, 1:], -1)
 
 
 def test_sampling_reproducible_and_seed_dependent(plain):
