@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from calm_jax.config_fields import field_problem
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
                       "gpt2")
 # config.json model_types read: the families, plus multimodal wrappers whose text decoder is one
@@ -103,8 +105,7 @@ class ModelConfig:
         check_dtype("dtype", self.dtype)
         check_dtype("param_dtype", self.param_dtype)
         if self.family not in SUPPORTED_FAMILIES:
-            raise ConfigError(
-                f"unsupported model family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+            raise ConfigError(f"unsupported model family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -432,12 +433,11 @@ _FAMILY_OF = {"gemma3": "gemma3_text"}
 
 def from_hf_config(hf: Mapping[str, Any], dtype: str = "float32", param_dtype: str | None = None) -> ModelConfig:
     """Reads a Hugging Face `config.json` dict. Raises ConfigError naming what is wrong."""
-    family = hf.get("model_type")
-    if family is None:
-        raise ConfigError("config.json is missing required field 'model_type'")
+    if problem := field_problem(hf):  # every field's type first (calm_jax.config_fields)
+        raise ConfigError(problem)
+    family = _req(hf, "model_type")
     if family not in _FAMILY_READERS:
-        raise ConfigError(
-            f"unsupported model_type {family!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ConfigError(f"unsupported model_type {family!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     fields = _FAMILY_READERS[family](hf, family)
     return ModelConfig(family=_FAMILY_OF.get(family, family), dtype=dtype, param_dtype=param_dtype or dtype,
                        **fields)

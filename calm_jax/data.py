@@ -8,13 +8,15 @@ function of (seed, position) (`batch_at`), so resuming needs only the saved posi
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -38,42 +40,127 @@ def where(record: dict, index: int, kind: str = "record") -> str:
     return f"{kind} {index}"
 
 
-def read_jsonl(path: str, require: tuple[str, ...] | None = None) -> list[dict]:
+MAX_NAMED = 20  # bad lines an error message names one by one; the rest are counted
+
+
+def log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def read_jsonl(path: str, require: tuple[str, ...] | None = None, *, skip_invalid: bool = False,
+               log: Callable[[str], None] = log_to_stderr) -> list[dict]:
     """The records of a JSONL file (as `Record`s); other fields are kept.
 
     require: string fields every record must have (default: "prompt" and "target", or "text").
+    Read as UTF-8 (a leading byte-order mark is skipped). Every bad line (not UTF-8, not JSON, a
+    field missing or not a string) is found before anything is returned: all of them are named
+    in one DataError (the first MAX_NAMED, with the total count), or, with `skip_invalid`, left
+    out and counted in one `log` line.
     """
+    records, problems = _read_records(path, require)
+    return keep_valid(path, records, problems, skip_invalid, log)
+
+
+def _read_records(path: str, require: tuple[str, ...] | None) -> tuple[list, list]:
+    """(the good records, [(line, message)] of the bad ones) of a JSONL file."""
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    records, problems = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append((n, f", byte {e.start + 1}: not UTF-8 (0x{raw[e.start]:02x})"))
+                continue
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n}: not valid JSON ({e})") from e
-            if require is None:
-                ok = isinstance(rec, dict) and ({"prompt", "target"} <= rec.keys() or "text" in rec)
-                want = '{"prompt", "target"} or {"text"}'
-                fields = ("text",) if ok and "text" in rec else ("prompt", "target")
-            else:
-                ok = isinstance(rec, dict) and all(k in rec for k in require)
-                want = f"a JSON object with string field(s) {', '.join(require)}"
-                fields = require
-            if not ok:
-                raise DataError(f"{path}: line {n}: expected {want}, found {line.strip()[:80]}")
-            for k in fields:
-                if not isinstance(rec[k], str):
-                    raise DataError(f"{path}: line {n}: field {k!r} must be a string, found "
-                                    f"{type(rec[k]).__name__} {json.dumps(rec[k])[:40]}")
+            message, rec = _check_record(line, require)
+            if message:
+                problems.append((n, message))
+                continue
             record = Record(rec)
             record.path, record.line = path, n
             records.append(record)
-    if not records:
+    if not records and not problems:
         raise DataError(f"{path} has no records")
-    return records
+    return records, problems
+
+
+def _check_record(line: str, require: tuple[str, ...] | None) -> tuple[str | None, dict | None]:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e})", None
+    if require is None:
+        ok = isinstance(rec, dict) and ({"prompt", "target"} <= rec.keys() or "text" in rec)
+        want = '{"prompt", "target"} or {"text"}'
+        fields = ("text",) if ok and "text" in rec else ("prompt", "target")
+    else:
+        ok = isinstance(rec, dict) and all(k in rec for k in require)
+        want = f"a JSON object with string field(s) {', '.join(require)}"
+        fields = require
+    if not ok:
+        return f"expected {want}, found {line.strip()[:80]}", None
+    for k in fields:
+        if not isinstance(rec[k], str):
+            return (f"field {k!r} must be a string, found {type(rec[k]).__name__} "
+                    f"{json.dumps(rec[k])[:40]}"), None
+    return None, rec
+
+
+def keep_valid(path: str, items: list, problems: list[tuple[int | str, str]], skip: bool,
+               log: Callable[[str], None] = log_to_stderr, what: str = "invalid",
+               flag: str = "--skip-invalid") -> list:
+    """`items` (the good records of the file `path`) when there are no `problems`: [(line, message)]
+    (or (name, message) for records not read from a file). Otherwise, with `skip`: `items` and
+    one `log` line counting and naming the records left out; without: a DataError naming every
+    problem as "FILE: line N: message" (the first MAX_NAMED, and how many more)."""
+    if not problems:
+        return items
+    total = len(items) + len(problems)
+    problems = sorted(problems, key=lambda p: (isinstance(p[0], str), p[0]))
+    more = len(problems) - MAX_NAMED
+    if skip:
+        named = ", ".join(str(n) for n, _ in problems[:MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
+        log(f"{path}: left out {len(problems)} {what} of {total} records ({flag}): "
+            + (f"line{'s' * (len(problems) > 1)} " if isinstance(problems[0][0], int) else "") + named)
+        if not items:
+            raise DataError(f"{path}: all {total} records are {what}; nothing is left")
+        return items
+    lines = [(f"{path}: line {at}" if isinstance(at, int) else at) + ("" if message[:1] in ", " else ": ") + message
+             for at, message in problems[:MAX_NAMED]]
+    if len(problems) == 1:
+        raise DataError(lines[0])
+    raise DataError(f"{path}: {len(problems)} of {total} records are {what} ({flag} leaves them out):\n  "
+                    + "\n  ".join(lines + ([f"... and {more} more"] if more > 0 else [])))
+
+
+def check_writable(path: str, directory: bool = False, what: str = "--out") -> None:
+    """Makes sure `path` can be written, before any work whose result goes there: a file (its
+    directory created if missing; `path` itself not a directory) or, with `directory`, a
+    directory (created if missing). Probes by creating and removing a file there. Raises
+    DataError saying what `path` is and why it cannot be written."""
+    folder = path if directory else os.path.dirname(os.path.abspath(path))
+    if not directory and os.path.isdir(path):
+        raise DataError(f"{what} {path} is a directory; give a file name")
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{what} {path} is a file; give a directory")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+        if not directory and os.path.exists(path) and not os.access(path, os.W_OK):
+            # Written by renaming a new file over it: works, but the user protected it on purpose.
+            raise PermissionError(f"{path} is read-only")
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise DataError(f"{what} {path} cannot be written ({reason}"
+                        + (f": {e.filename}" if getattr(e, "filename", None) and e.filename != path else "")
+                        + "); nothing was run") from e
 
 
 def write_text(path: str, text: str) -> None:
@@ -200,18 +287,41 @@ class Dataset:
         return self.tokens_NxT.shape[1]
 
 
-def load_dataset(path: str, tokenizer, seq_len: int, append_eos: bool = True) -> Dataset:
-    """Reads and tokenizes a JSONL file (see `encode`). Raises DataError on a record longer than seq_len."""
-    records = read_jsonl(path)
-    seqs, flags = [], []
-    for n, rec in enumerate(records):
+def load_dataset(path: str, tokenizer, seq_len: int, append_eos: bool = True, *, skip_invalid: bool = False,
+                 truncate: bool = False, log: Callable[[str], None] = log_to_stderr) -> Dataset:
+    """Reads and tokenizes a JSONL file (see `encode`).
+
+    Every problem of the file (a bad line, see `read_jsonl`; an example longer than seq_len; one
+    with no target token to learn from) is named in one DataError, unless:
+      truncate: an example longer than seq_len is cut to its first seq_len tokens (its EOS, if
+        appended, goes with the cut); one `log` line counts them;
+      skip_invalid: the bad lines, the examples left with no target token and (without
+        `truncate`) the overlong ones are left out; one `log` line counts them.
+    """
+    records, problems = _read_records(path, None)
+    total = len(records) + len(problems)
+    seqs, flags, cut = [], [], []
+    for rec in records:
         ids, target = encode(tokenizer, rec, append_eos)
-        if len(ids) > seq_len:
-            raise DataError(f"{where(rec, n)} has {len(ids)} tokens, more than the sequence length {seq_len}")
+        long = len(ids) > seq_len
+        if long and not truncate:
+            problems.append((rec.line, f" has {len(ids)} tokens, more than the sequence length {seq_len} "
+                                       "(--truncate cuts it)"))
+            continue
+        if long:
+            cut.append(rec.line)
+            ids, target = ids[:seq_len], target[:seq_len]
         if not any(target[1:]):
-            raise DataError(f"{where(rec, n)} has no target token to learn from (empty target?)")
+            problems.append((rec.line, " has no target token to learn from ("
+                                       + ("all cut away by --truncate)" if long else "empty target?)")))
+            continue
         seqs.append(ids)
         flags.append(target)
+    keep_valid(path, seqs, problems, skip_invalid, log)
+    if cut:
+        log(f"{path}: cut {len(cut)} of {total} examples to the sequence length {seq_len} "
+            f"(--truncate): line{'s' * (len(cut) > 1)} {', '.join(map(str, cut[:MAX_NAMED]))}"
+            + (f" and {len(cut) - MAX_NAMED} more" if len(cut) > MAX_NAMED else ""))
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     tokens, mask, target = pad_batch(seqs, seq_len, pad_id=pad_id, flags=flags)
     return Dataset(path, tokens, mask, target)

@@ -34,6 +34,11 @@ class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be loaded as asked."""
 
 
+class ConfigFileError(config_lib.ConfigError, CheckpointError):
+    """A model directory's config.json that cannot be read as a ModelConfig (a wrong field: named
+    with the file, e.g. "m/config.json: field 'num_hidden_layers' must be an integer, found str '4'")."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
     to_ours: Callable[[np.ndarray], list]
@@ -368,14 +373,19 @@ def load_config(path: str, dtype: str = "float32", param_dtype: str | None = Non
 
 def _load_config(path: str, dtype: str, param_dtype: str | None):
     # The dtypes are the caller's settings, not the file's: checked before the file is blamed.
-    config_lib.check_dtype("dtype", dtype)
-    if param_dtype is not None:
-        config_lib.check_dtype("param_dtype", param_dtype)
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is not None:
+            config_lib.check_dtype(name, value)
+        if value == "float64" and not jax.config.jax_enable_x64:
+            raise config_lib.ConfigError(
+                f"{name} float64 needs JAX's 64-bit mode, which is off (JAX would compute in float32): call "
+                "jax.config.update('jax_enable_x64', True) before any array is made, or set JAX_ENABLE_X64=1")
     hf_config = _read_config(path)
     try:
         return config_lib.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype), hf_config
-    except config_lib.ConfigError as e:
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
+    except (config_lib.ConfigError, TypeError, ValueError) as e:  # a field the type checks do not cover
+        raise ConfigFileError(f"{os.path.join(path, 'config.json')}: "
+                              f"{e if isinstance(e, config_lib.ConfigError) else f'{type(e).__name__}: {e}'}") from e
 
 
 def load_pretrained(path: str, dtype: str = "float32", param_dtype: str | None = None,
@@ -440,6 +450,12 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many kinds; the caller needs to know which directory
+        from transformers import AutoConfig
+        try:  # transformers reads config.json too: its complaint about that file is not the tokenizer's
+            AutoConfig.from_pretrained(path)
+        except Exception as config_error:
+            raise ConfigFileError(f"{os.path.join(path, 'config.json')}: transformers cannot read it: "
+                                  f"{type(config_error).__name__}: {config_error}") from e
         raise CheckpointError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
 
 

@@ -58,23 +58,46 @@ def _score(lm, params, tokens_BxT, mask_BxT, flags_BxT, num_tokens: int | None =
 def encode_records(tokenizer, records: Sequence[dict], max_positions: int,
                    num_tokens: int | None = None) -> list[tuple[list[int], list[bool]]]:
     """Token ids and target flags per record, checked to be scorable (and, with num_tokens, every
-    id below it: a tokenizer id the model's embedding table lacks is a DataError)."""
-    encoded = []
+    id below it: a tokenizer id the model's embedding table lacks is a DataError). Every record
+    that is not is named in one DataError (see `data.keep_valid`)."""
+    encoded, problems = _encode(tokenizer, records, max_positions, num_tokens)
+    data.keep_valid(_path(records), [e for e in encoded if e is not None], problems, skip=False)
+    return encoded
+
+
+def scorable(tokenizer, records: Sequence[dict], max_positions: int, num_tokens: int | None = None,
+             skip_invalid: bool = False, log=data.log_to_stderr) -> list[dict]:
+    """The records `encode_records` accepts: all of them, or a DataError naming every one it
+    refuses; with `skip_invalid`, the others, and one `log` line counting those left out."""
+    encoded, problems = _encode(tokenizer, records, max_positions, num_tokens)
+    bad = {id(r) for r, e in zip(records, encoded) if e is None}
+    return data.keep_valid(_path(records), [r for r in records if id(r) not in bad], problems, skip_invalid, log)
+
+
+def _path(records) -> str:
+    return records[0].path if records and isinstance(records[0], data.Record) else "records"
+
+
+def _encode(tokenizer, records, max_positions, num_tokens):
+    """(per record: (ids, flags), or None where it cannot be scored; [(line or name, why)])."""
+    encoded, problems = [], []
     for n, record in enumerate(records):
+        at = record.line if isinstance(record, data.Record) else data.where(record, n)
         ids, flags = data.encode(tokenizer, record)
+        problem = None
         if flags and flags[0]:
             if "text" not in record:
-                raise data.DataError(f"{data.where(record, n)}: the prompt has no tokens (and the tokenizer adds "
-                                     "no BOS), so the first target token has no context to be scored from")
+                problem = ("the prompt has no tokens (and the tokenizer adds no BOS), so the first target token "
+                           "has no context to be scored from")
             flags = [False] + flags[1:]  # a text's first token has nothing to be predicted from
         if len(ids) > max_positions:
-            raise data.DataError(f"{data.where(record, n)} has {len(ids)} tokens, more than the model's "
-                                 f"{max_positions} positions")
-        if num_tokens is not None and ids and max(ids) >= num_tokens:
-            raise data.DataError(f"{data.where(record, n)} has token id {max(ids)}, out of the model's "
-                                 f"vocabulary of {num_tokens}")
-        encoded.append((ids, flags))
-    return encoded
+            problem = f" has {len(ids)} tokens, more than the model's {max_positions} positions"
+        elif num_tokens is not None and ids and max(ids) >= num_tokens:
+            problem = f" has token id {max(ids)}, out of the model's vocabulary of {num_tokens}"
+        if problem:
+            problems.append((at, problem))
+        encoded.append(None if problem else (ids, flags))
+    return encoded, problems
 
 
 def loglik(lm, params, tokenizer, records: Sequence[dict], batch_size: int = 8) -> list[tuple[float, int]]:
