@@ -27,10 +27,12 @@ from calm_jax.losses import LossFn
 
 
 def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float = 0.0, clip: float = 1.0,
-                   end_lr_ratio: float = 0.0, b2: float = 0.999) -> optax.GradientTransformation:
-    """AdamW with linear warmup to `lr`, cosine decay to `end_lr_ratio * lr` at `steps`, global-norm clipping."""
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(lr_schedule(lr, steps, warmup, end_lr_ratio),
-                                                                   b2=b2, weight_decay=weight_decay))
+                   end_lr_ratio: float = 0.0, b2: float = 0.999,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """AdamW with linear warmup to `lr`, cosine decay to `end_lr_ratio * lr` at `steps`, global-norm clipping.
+    schedule: another lr schedule instead (the optimizer state is the same either way)."""
+    schedule = schedule if schedule is not None else lr_schedule(lr, steps, warmup, end_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, b2=b2, weight_decay=weight_decay))
 
 
 def lr_schedule(lr: float, steps: int, warmup: int = 0, end_lr_ratio: float = 0.0) -> optax.Schedule:

@@ -5,8 +5,19 @@ Generic over what is trained (see calm_jax.train_step): `train.compose` passes Î
 `trainable` and `frozen={}`. Writes to RUN_DIR:
   metrics.jsonl  one JSON line per step ({"step", "loss", "tokens", "grad_norm", "lr",
                  "tokens_per_s"}) and per eval ({"step", "eval_loss", "eval_tokens"})
-  loss.png       the loss curve, at the end
-  bases.json, checkpoints/   see calm_jax.checkpoint
+  loss.png       the loss curve, redrawn at each evaluation and at the end
+  bases.json, checkpoints/   see calm_jax.checkpoint; each checkpoint's metadata records the
+                 run's history (calm_jax.checkpoint.history): its data and schedule per segment
+
+Resuming is a contract (calm_jax.checkpoint.history): other data or settings are refused,
+naming what differs, unless new data (resume_new_data) or more steps (extend_steps) are asked
+for; either is then said, and recorded as a new segment of the run's history.
+
+Ctrl-C (SIGINT): the first finishes the current step, saves a checkpoint of it and raises
+`Interrupted` (a KeyboardInterrupt naming the step); a second stops at once (KeyboardInterrupt).
+Only in the main thread of a single-process run: with several processes (multi-host) SIGINT
+is left as it is (a KeyboardInterrupt where it lands, the steps since the last checkpoint
+redone on resume), since stopping at one step would need every process to agree on it.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Mapping
 
@@ -25,6 +38,7 @@ from tqdm.auto import tqdm
 
 from calm_jax import checkpoint as ckpt
 from calm_jax import data as data_lib
+from calm_jax.checkpoint import history as history_lib
 from calm_jax import sharding as shard_lib
 from calm_jax import train_step as ts
 from calm_jax.loading import CheckpointError
@@ -67,6 +81,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "warmup", "end_lr_ratio", "weight_decay", "clip", "eval_every", "eval_batches",
+                     "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
         if self.loss_chunk < 0:
@@ -87,23 +105,59 @@ class TrainResult:
     mesh: Any
 
 
-# What decides the batches a resumed run sees (steps, lr and the like may change on resume).
-_SAME_ON_RESUME = ("seed", "batch_size", "grad_accum", "seq_len", "pack")
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT) after finishing `step`, saved as a checkpoint in `run_dir`."""
+
+    def __init__(self, step: int, run_dir: str):
+        super().__init__(f"interrupted: step {step} finished and saved in {run_dir}")
+        self.step, self.run_dir = step, run_dir
+
+
+class _StopOnSigint:
+    """While active (main thread, one process): the first SIGINT asks the loop to stop after the
+    current step (`requested`); a second raises KeyboardInterrupt at once."""
+
+    def __init__(self, say):
+        self.requested, self.say, self.previous = False, say, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt("second Ctrl-C: stopped at once")
+        self.requested = True
+        self.say("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once, "
+                 "losing the steps since the last checkpoint)")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, frozen: Any,
           data: data_lib.Dataset, eval_data: data_lib.Dataset | None = None,
           bases: Mapping[str, dict] | None = None, resume: bool = False, mesh=None,
-          meta: Mapping[str, Any] | None = None) -> TrainResult:
+          meta: Mapping[str, Any] | None = None, resume_new_data: bool = False,
+          extend_steps: bool = False) -> TrainResult:
     """Trains `trainable` (with `frozen` held fixed) for cfg.steps steps, checkpointing to run_dir.
 
     bases: {name: checkpoint.fingerprint(...)} of the frozen models; checked against the
       run directory's record before anything is restored.
     resume: continue from the latest checkpoint in run_dir (exactly: same batches, same
-      optimizer state). Without it, a run_dir that has checkpoints is refused.
+      optimizer state). Without it, a run_dir that has checkpoints is refused. The data's
+      content and the settings (checkpoint.history.RESUME_FIELDS) must be the run's, or it
+      is refused naming what differs; unless
+    resume_new_data: the data may differ: it is said, and the stream starts over the new data;
+    extend_steps: cfg.steps may be more than the run's: the schedule is extended by the rule of
+      calm_jax.checkpoint.history (the lr never jumps), said, and recorded.
     mesh: a jax Mesh (default: built from cfg.mesh). Place `frozen` with
       sharding.param_shardings(mesh, ...) before calling to avoid a copy.
     meta: extra JSON stored with every checkpoint.
+    Raises Interrupted after a first Ctrl-C (the step it finished saved); see the module doc.
     """
     mesh = mesh if mesh is not None else shard_lib.make_mesh(cfg.mesh)
     if cfg.batch_size // cfg.grad_accum % mesh.shape["data"]:
@@ -112,9 +166,9 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
     if data.seq_len != cfg.seq_len:
         raise ValueError(f"{data.path} was tokenized to length {data.seq_len}, the config says {cfg.seq_len}")
     main = jax.process_index() == 0
+    say = print if main else (lambda *a, **k: None)
     optimizer = ts.make_optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay, cfg.clip, cfg.end_lr_ratio,
                                    cfg.b2)
-    schedule = ts.lr_schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.end_lr_ratio)
 
     t_sh = shard_lib.param_shardings(mesh, trainable, fsdp=cfg.fsdp)
     o_sh = shard_lib.param_shardings(mesh, jax.eval_shape(optimizer.init, trainable), fsdp=cfg.fsdp)
@@ -133,23 +187,33 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
         raise CheckpointError(f"{run_dir} already has checkpoints (latest: step {latest}); "
                               "resume it (--resume) or choose another output directory")
     step, position = 0, data_lib.Position(0, 0)
+    data_fp = history_lib.data_fingerprint(data)
+    history = [{"from_step": 0, "to_step": cfg.steps, "schedule": history_lib.first_schedule(cfg), "data": data_fp}]
     state = {"trainable": trainable, "opt_state": opt_state, "step": shard_lib.place(np.int32(0), rep), "rng": rng}
     if resume and latest is not None:
+        saved = checkpoints.meta(latest)
+        # Checked before any array is restored: a refusal costs nothing and changes nothing.
+        history, restart_data = history_lib.resume_history(run_dir, saved, cfg, data_fp, int(saved.get("step", latest)),
+                                                           resume_new_data, extend_steps, say)
         state, saved = checkpoints.restore(ckpt.abstract(
             state, {"trainable": t_sh, "opt_state": o_sh, "step": rep, "rng": rep}))
-        was = saved.get("train_config", {})
-        changed = [f"{k}: trained with {was[k]!r}, given {getattr(cfg, k)!r}" for k in _SAME_ON_RESUME
-                   if k in was and was[k] != getattr(cfg, k)]
-        if changed:  # the data order and batches would silently differ from the run being resumed
-            raise CheckpointError(f"{run_dir}: cannot resume with other batch settings: " + "; ".join(changed))
-        step, position = int(state["step"]), data_lib.Position(*saved["data_position"])
+        step = int(state["step"])
+        position = data_lib.Position(0, 0) if restart_data else data_lib.Position(*saved["data_position"])
+        if position.index >= len(data):  # only a run of an earlier version, with no data fingerprint, gets here
+            raise CheckpointError(f"{run_dir}: the run stopped at example {position.index} of its data, but "
+                                  f"{data.path} has {len(data)} examples: it is not the data the run trained on "
+                                  "(give --resume-new-data to continue on it)")
         if step >= cfg.steps:
-            print(f"{run_dir}: already trained for {step} steps (asked for {cfg.steps})")
-        elif main:
-            print(f"{run_dir}: resuming from step {step} (of {cfg.steps})")
+            say(f"{run_dir}: already trained for {step} steps (asked for {cfg.steps})")
+        else:
+            say(f"{run_dir}: resuming from step {step} (of {cfg.steps})")
     trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
+    schedule = history_lib.schedule_fn(history)
+    optimizer = ts.make_optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay, cfg.clip, cfg.end_lr_ratio,
+                                  cfg.b2, schedule=schedule)
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    png_path = os.path.join(run_dir, "loss.png")
     if main:
         _truncate_metrics(metrics_path, step)
     train_step = ts.make_train_step(loss_fn, optimizer, cfg.grad_accum, shardings)
@@ -168,12 +232,13 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
         checkpoints.save(step, {"trainable": trainable, "opt_state": opt_state,
                                 "step": shard_lib.place(np.int32(step), rep), "rng": rng},
                          {"data_position": list(position), "step": step, "train_config": dataclasses.asdict(cfg),
-                          **(meta or {})})
+                          "history": history, **(meta or {})})
 
     next_batch = data_lib.packed_batch_at if cfg.pack else data_lib.batch_at
     losses, eval_loss = [], None
     bar = _progress(cfg, step) if main else None
-    with open(metrics_path, "a") if main else _Null() as log:
+    stop = _StopOnSigint(bar.write if bar is not None and not bar.disable else say)
+    with stop, open(metrics_path, "a") if main else _Null() as log:
         pending = None  # the previous step's metrics, read after the next step is dispatched
         last_time, tokens_since = time.perf_counter(), 0
         start = step
@@ -188,25 +253,32 @@ def train(run_dir: str, cfg: TrainConfig, loss_fn: ts.LossFn, trainable: Any, fr
             now = time.perf_counter()
             pending = (step, metrics, float(schedule(step - 1)), tokens_since / max(now - last_time, 1e-9))
             last_time, tokens_since = now, 0
-            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0) or (
-                    cfg.save_every and step % cfg.save_every == 0):
+            at_eval = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+            at_save = step == cfg.steps or bool(cfg.save_every and step % cfg.save_every == 0)
+            if at_eval or at_save or stop.requested:
                 _record(pending, log, bar, losses, start)
                 pending = None
-                if eval_step is not None and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                if eval_step is not None and at_eval:
                     eval_loss, n = evaluate()
                     _write(log, {"step": step, "eval_loss": eval_loss, "eval_tokens": n})
                     if bar is not None:
                         bar.write(f"step {step}: eval loss {eval_loss:.4f} over {int(n)} tokens")
-                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                if at_save or stop.requested:
                     save()
+                if main and (at_eval or stop.requested):
+                    plot_losses(metrics_path, png_path)  # the curve so far, at each evaluation
+                if stop.requested:
+                    break
                 last_time = time.perf_counter()  # eval and saving are not training time
         if pending is not None:
             _record(pending, log, bar, losses, start)
-    if bar is not None:
-        bar.close()
-    checkpoints.close()
+        if bar is not None:
+            bar.close()
+        checkpoints.close()  # waits for the last save, still under the Ctrl-C handler
+    if stop.requested and step < cfg.steps:
+        raise Interrupted(step, run_dir)
     if main and start < cfg.steps:
-        plot_losses(metrics_path, os.path.join(run_dir, "loss.png"))
+        plot_losses(metrics_path, png_path)
     return TrainResult(trainable, step, losses, eval_loss, mesh)
 
 

@@ -14,9 +14,21 @@ composition.json (load with calm_jax.load_composition(ANCHOR, [AUGMENT], RUN_DIR
 alone with python -m train.export). --init-from starts Θ_C from a run directory's latest checkpoint or
 an export instead of a random init: same base models and same wiring, or it is refused.
 
-Multi-host: run the same command on every host with JAX_COORDINATOR_ADDRESS=HOST:PORT,
-JAX_NUM_PROCESSES=P and JAX_PROCESS_ID=p (or --coordinator/--num-processes/--process-id);
-RUN_DIR must be on a filesystem all hosts share.
+--resume continues RUN_DIR's run under its contract (calm_jax.checkpoint.history): the same data
+(size and sha256 of the file; it may have moved) and the same settings, those not given taken
+from the run; other data or settings are refused, naming what differs, unless asked for:
+--resume-new-data continues on other data (its stream starts at its first example), and
+--extend-steps trains on to more --steps (the cosine decay re-planned from the step resumed at,
+starting at the lr reached there, so the lr never jumps). Both are said and recorded in the
+run's history, which an export's README lists.
+
+Ctrl-C: the first finishes the current step, saves a checkpoint of it and exits (code 130),
+naming the step and the command that resumes; a second stops at once (the steps since the last
+checkpoint are lost). Multi-host: run the same command on every host with
+JAX_COORDINATOR_ADDRESS=HOST:PORT, JAX_NUM_PROCESSES=P and JAX_PROCESS_ID=p (or
+--coordinator/--num-processes/--process-id); RUN_DIR must be on a filesystem all hosts share.
+There Ctrl-C is not caught: it stops the process it reaches at once, and a resume redoes the
+steps since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -24,11 +36,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 
 import jax
 
 from calm_jax import checkpoint, composition, data, loaded, losses, overrides, sharding, trainer
+from calm_jax.checkpoint import history
 from calm_jax.composition import CompositionOptions
 from calm_jax.config import ConfigError
 from calm_jax.loading import CheckpointError
@@ -51,6 +65,8 @@ class ComposeConfig:
     options: CompositionOptions = CompositionOptions()
     frozen_dtype: str = "float32"
     resume: bool = False
+    resume_new_data: bool = False  # with resume: continue on other data (said and recorded)
+    extend_steps: bool = False  # with resume: train on to more steps (the schedule extended, said and recorded)
     init_from: str | None = None
     train: TrainConfig = TrainConfig()
     coordinator: str | None = None
@@ -109,9 +125,17 @@ def parse_connections(spec: str | None):
     return {k: tuple(v) for k, v in out.items()}
 
 
+EPILOG = """Losses: metrics.jsonl's train and eval losses are nats per target token and count the EOS
+appended to each target (--set train.append_eos=False: not appended); eval.loglik scores the
+target alone, without that EOS, so its per-token figures differ from these.
+
+Defaults shown are ComposeConfig's; a --config file or --set replaces them, and a flag given
+replaces those. With --resume, the settings not given are the run's."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.compose", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--config", metavar="FILE.json", help="JSON file of flag values; flags override it")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="any ComposeConfig field, e.g. train.b2=0.98 or options.gate=True (repeatable; "
@@ -125,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, help="cross-attention heads (default: the anchor's)")
     add_option_flags(p)
     p.add_argument("--frozen-dtype", choices=("float32", "bfloat16"), help="storage dtype of the frozen models")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from RUN_DIR's latest checkpoint")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from RUN_DIR's latest checkpoint, with its data and settings")
+    p.add_argument("--resume-new-data", action="store_true", default=None,
+                   help="with --resume: continue on --data although it is not the data the run trained on")
+    p.add_argument("--extend-steps", action="store_true", default=None,
+                   help="with --resume: train on to --steps, more than the run planned (the cosine decay "
+                        "re-planned from the step resumed at, from the lr reached there)")
     p.add_argument("--init-from", metavar="DIR",
                    help="start Θ_C from this run directory's latest checkpoint or this export (train.export), "
                         "trained with the same base models and wiring; the optimizer starts fresh")
@@ -160,7 +190,52 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--coordinator", metavar="HOST:PORT")
     d.add_argument("--num-processes", type=int)
     d.add_argument("--process-id", type=int)
+    _show_defaults(p)
     return p
+
+
+def _default_of(path: str):
+    value = ComposeConfig()
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Appends "(default: X)" to each flag's help, X the ComposeConfig default it stands for. The
+    flags themselves default to None ("not given"), so that a --config file's value stands."""
+    for action in parser._actions:
+        path = _field(action.dest) if action.dest not in ("help", "config", "overrides") else None
+        if path is None or action.help == argparse.SUPPRESS or "default" in (action.help or ""):
+            continue
+        value = _default_of(path)
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            shown = "off"
+        elif value is None or value == ():
+            continue
+        else:
+            shown = value
+        action.help = f"{action.help or ''} (default: {shown})".lstrip()
+
+
+def _join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """["--lr", "-1e-3"] -> ["--lr=-1e-3"] for numeric flags: argparse would take "-1e-3" for an
+    option and say the value is missing; joined, the value is parsed and then checked."""
+    numeric = {s for a in parser._actions if a.type in (int, float) for s in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in numeric and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +263,8 @@ def _file_values(path: str) -> dict:
 def read_config(argv) -> Resolved:
     """The run's settings: ComposeConfig's defaults < --config file < --set < named flags.
     Raises SystemExit naming a bad file, key, override or setting."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_join_negative_values(parser, list(sys.argv[1:] if argv is None else argv)))
     layers = [_file_values(args.config)] if args.config else []
     try:
         layers.append(dict(overrides.parse(item) for item in args.overrides))
@@ -218,15 +294,62 @@ def read_config(argv) -> Resolved:
     return Resolved(cfg, given, tuple(notices))
 
 
-def main(argv=None) -> int:
-    resolved = read_config(argv)
+def with_run_settings(resolved: Resolved, meta: dict | None) -> Resolved:
+    """With --resume: the run's recorded settings (its latest checkpoint's `meta`) for the
+    training fields a resume keeps that were not given (history.RESUME_FIELDS), said."""
     run = resolved.config
-    # Before anything touches a device (importing jax does not start it).
-    sharding.maybe_initialize_distributed(run.coordinator, run.num_processes, run.process_id)
+    was = (meta or {}).get("train_config") or {}
+    taken = {k: was[k] for k in history.RESUME_FIELDS
+             if k in was and f"train.{k}" not in resolved.given and was[k] != getattr(run.train, k)}
+    if not taken:
+        return resolved
+    try:
+        cfg = dataclasses.replace(run, train=run.train.replace(**taken))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{run.out}: its recorded settings cannot be read by this version: {e}") from None
+    notices = [n for n in resolved.notices if not any(n.startswith(f"--{k.replace('_', '-')} not given")
+                                                      for k in taken)]
+    notices.append("--resume: the run's own settings where none was given: "
+                   + ", ".join(f"{k} {v}" for k, v in taken.items()))
+    return Resolved(cfg, resolved.given, tuple(notices))
 
-    cfg = run.train
+
+def resume_command(argv) -> str:
+    """The command line that resumes the run `argv` started."""
+    argv = list(argv)
+    return shlex.join(["python", "-m", "train.compose", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resolved = read_config(argv)
+    # Before anything touches a device (importing jax does not start it).
+    sharding.maybe_initialize_distributed(resolved.config.coordinator, resolved.config.num_processes,
+                                          resolved.config.process_id)
+    try:
+        return _run(resolved)
+    except trainer.Interrupted as e:
+        print(f"interrupted (Ctrl-C) after step {e.step}, saved as a checkpoint in {e.run_dir}; continue with: "
+              f"{resume_command(argv)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"stopped at once (Ctrl-C): nothing after the last checkpoint in {resolved.config.out} was kept; "
+              f"continue with: {resume_command(argv)}", file=sys.stderr)
+        return 130
+
+
+def _run(resolved: Resolved) -> int:
+    run = resolved.config
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *a, **k: None)
+    try:
+        if run.resume:
+            resolved = with_run_settings(resolved, history.latest_meta(run.out))
+            run = resolved.config
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = run.train
     for notice in resolved.notices:
         say(notice)
     try:
@@ -258,7 +381,7 @@ def main(argv=None) -> int:
         result = trainer.train(
             run.out, cfg, losses.composed_loss(ccfg, cfg.remat, cfg.loss_chunk), theta, frozen,
             train_data, eval_data, bases=checkpoint.composition_bases(lm.models[0], lm.models[1:]),
-            resume=run.resume, mesh=mesh,
+            resume=run.resume, mesh=mesh, resume_new_data=run.resume_new_data, extend_steps=run.extend_steps,
             meta={"anchor": run.anchor, "augments": list(run.augment), "data": run.data,
                   "train_examples": len(train_data), "eval_data": run.eval_data, "init_from": run.init_from})
     except (CheckpointError, ConfigError, composition.CompositionError, data.DataError, sharding.MeshError) as e:

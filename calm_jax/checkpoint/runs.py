@@ -61,6 +61,10 @@ class Checkpoints:
                                                                  meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def meta(self, step: int) -> dict:
+        """The metadata (JSON) of checkpoint `step`, with no array read."""
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
