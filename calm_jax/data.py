@@ -139,28 +139,27 @@ def keep_valid(path: str, items: list, problems: list[tuple[int | str, str]], sk
 
 
 def check_writable(path: str, directory: bool = False, what: str = "--out") -> None:
-    """Makes sure `path` can be written, before any work whose result goes there: a file (its
-    directory created if missing; `path` itself not a directory) or, with `directory`, a
-    directory (created if missing). Probes by creating and removing a file there. Raises
-    DataError saying what `path` is and why it cannot be written."""
-    folder = path if directory else os.path.dirname(os.path.abspath(path))
-    if not directory and os.path.isdir(path):
-        raise DataError(f"{what} {path} is a directory; give a file name")
-    if directory and os.path.exists(path) and not os.path.isdir(path):
-        raise DataError(f"{what} {path} is a file; give a directory")
+    """Makes sure `path` can be written, before any work whose result goes there: a file (not a
+    directory) or, with `directory`, a directory (not a file). Nothing is created: the nearest
+    directory that exists (`path`'s own, or the one its missing directories would be made in) is
+    probed by creating and removing a file in it. Raises DataError saying what `path` is and why
+    it cannot be written."""
+    if directory != os.path.isdir(path) and os.path.exists(path):
+        raise DataError(f"{what} {path} is {'a file; give a directory' if directory else 'a directory; give a file'}")
+    folder = os.path.abspath(path if directory else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
     try:
-        os.makedirs(folder, exist_ok=True)
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"{folder} is a file, not a directory")
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
         os.close(fd)
         os.remove(probe)
         if not directory and os.path.exists(path) and not os.access(path, os.W_OK):
-            # Written by renaming a new file over it: works, but the user protected it on purpose.
-            raise PermissionError(f"{path} is read-only")
+            raise PermissionError(f"{path} is read-only")  # a rename over it would work: refused, as protected
     except OSError as e:
-        reason = e.strerror or str(e)
-        raise DataError(f"{what} {path} cannot be written ({reason}"
-                        + (f": {e.filename}" if getattr(e, "filename", None) and e.filename != path else "")
-                        + "); nothing was run") from e
+        raise DataError(f"{what} {path} cannot be written ({e.strerror or e}"
+                        + (f": {e.filename}" if e.filename else "") + "); nothing was run") from e
 
 
 def write_text(path: str, text: str) -> None:

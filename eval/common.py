@@ -15,17 +15,20 @@ any of the three; `describe(args)` gives the label and source without loading an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 import time
 from typing import Any
 
+import jax
+
 from calm_jax import checkpoint
 from calm_jax import composition as comp
 from calm_jax import decoding, loaded as loaded_lib
 from calm_jax.config import DTYPES, ConfigError
-from calm_jax.data import DataError, read_jsonl, where
+from calm_jax.data import DataError, check_writable, keep_valid, read_jsonl, where
 from calm_jax.loading import CheckpointError
 
 
@@ -52,9 +55,33 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="trained composition (Θ_C): a train.compose run directory or a train.export directory")
     g.add_argument("--encoder-mode", action="store_true",
                    help="augmenting models see only the prompt (the paper's 'm_A as encoder' ablation)")
-    g.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the frozen models")
+    g.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="compute dtype of the frozen models (float64 turns on JAX's 64-bit mode for the run)")
     g.add_argument("--label", help="name of this model in result tables (default: from the flags)")
     g.add_argument("--theta-seed", type=int, default=0, help="seed of the random Θ_C used without --composition")
+
+
+def precision(args: argparse.Namespace):
+    """The context a script runs its work in: with --dtype float64, JAX's 64-bit mode (without it JAX
+    makes float32 arrays of float64 requests; the library refuses float64 then, see
+    calm_jax.loading), for the whole run, before any array is made; otherwise nothing."""
+    return jax.enable_x64(True) if getattr(args, "dtype", None) == "float64" else contextlib.nullcontext()
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="leave out the records that cannot be used (bad lines, too long for the model), "
+                             "said with their count and lines, instead of refusing the file")
+
+
+def check_outputs(*paths: tuple[str, bool]) -> None:
+    """Exits with a one-line error unless each (path, is a directory) can be written: before any
+    model loads, so no generation or execution is done for results that cannot be kept."""
+    try:
+        for path, directory in paths:
+            check_writable(path, directory=directory)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def _name(path: str) -> str:
@@ -144,27 +171,47 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
                 batch_size=args.batch_size)
 
 
-def read_prompts(path: str, need_target: bool = False) -> list[dict]:
+def read_prompts(path: str, need_target: bool = False, skip_invalid: bool = False) -> list[dict]:
     """JSONL records with a "prompt" (and a "target" if `need_target`); other fields are kept."""
-    return read_jsonl(path, require=("prompt", "target") if need_target else ("prompt",))
+    return read_jsonl(path, require=("prompt", "target") if need_target else ("prompt",), skip_invalid=skip_invalid)
 
 
-def generate_for(args, path: str, need_target: bool = False, before_loading=None):
+def fitting_prompts(records: list[dict], tokenizer, max_new_tokens: int, max_positions: int,
+                    skip_invalid: bool = False) -> list[dict]:
+    """The records whose prompt `decoding.generate` takes (not empty, room for max_new_tokens):
+    all of them, or a DataError naming every one that is not; with `skip_invalid`, the others
+    (and a line on stderr counting those left out)."""
+    good, problems = [], []
+    for i, r in enumerate(records):
+        try:  # one at a time, so that every prompt that does not fit is named
+            decoding.prompt_token_ids([r["prompt"]], tokenizer, max_new_tokens, max_positions, [""])
+            good.append(r)
+        except decoding.GenerationError as e:
+            problems.append((r.line if hasattr(r, "line") and r.line else where(r, i), str(e)))
+    path = getattr(records[0], "path", "") or "prompts"
+    return keep_valid(path, good, problems, skip_invalid)
+
+
+def generate_for(args, path: str, need_target: bool = False, before_loading=None, records=None):
     """Reads the prompts, builds the model from flags and generates: (loaded, records, gens, seconds).
+
+    records: already read (default: read from `path`). With args.skip_invalid, records that are
+      bad or too long are left out (and counted on stderr): the records returned are those used.
 
     before_loading(label, source): called once the prompts and flags are checked, before any
       model is loaded (see `describe`). Sets args.max_new_tokens when it was not given (see
       `fit_max_new_tokens`). Bad input exits with a one-line error.
     """
+    skip = getattr(args, "skip_invalid", False)
     try:
-        records = read_prompts(path, need_target)
+        if records is None:
+            records = read_prompts(path, need_target, skip)
         if before_loading is not None:
             before_loading(*describe(args))
         checked = check(args)
         fit_max_new_tokens(args, checked.tokenizer, checked.max_positions, records)
+        records = fitting_prompts(records, checked.tokenizer, args.max_new_tokens, checked.max_positions, skip)
         names = [where(r, i) for i, r in enumerate(records)]
-        decoding.prompt_token_ids([r["prompt"] for r in records], checked.tokenizer, args.max_new_tokens,
-                                  checked.max_positions, names)
         loaded = build_model(args, checked)
         start = time.perf_counter()
         gens = decoding.generate(loaded.model, loaded.params, [r["prompt"] for r in records],

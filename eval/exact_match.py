@@ -1,7 +1,7 @@
 """Exact-match accuracy (and optionally chrF/BLEU) of generations for {"prompt", "target"} records.
 
     python -m eval.exact_match (--model DIR | --anchor DIR --augment DIR ... [--composition RUN_DIR]
-        [--encoder-mode]) --data FILE.jsonl --out DIR [--metrics chrf,bleu] [generation flags]
+        [--encoder-mode]) --data FILE.jsonl --out DIR [--metrics chrf,bleu] [--skip-invalid] [generation flags]
 
 Records may carry a "task" field: scores are given per task and over "all". Scored by
 calm_jax.evaluation.score, the path the experiments use too: targets are compared as
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, metavar="FILE.jsonl", help='{"prompt", "target"[, "task"]} records')
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--metrics", default="", help="extra corpus metrics, comma-separated: chrf,bleu")
+    common.add_data_flags(parser)
     args = parser.parse_args(argv)
     extra = [m for m in args.metrics.split(",") if m]
     unknown = sorted(set(extra) - set(metrics.METRICS))
@@ -109,7 +110,16 @@ def main(argv=None) -> int:
                                                "generation": generation})))
         check_row(_read_results(results_path), label, identity, results_path)
 
-    loaded, records, gens, seconds = common.generate_for(args, args.data, need_target=True, before_loading=claim_row)
+    common.check_outputs((args.out, True))  # before any model loads: nothing generated is thrown away
+
+    def claim_files(label, source):
+        claim_row(label, source)
+        common.check_outputs((os.path.join(args.out, f"predictions-{_safe(label)}.jsonl"), False),
+                             (results_path, False), (os.path.join(args.out, "results.md"), False))
+
+    with common.precision(args):
+        loaded, records, gens, seconds = common.generate_for(args, args.data, need_target=True,
+                                                             before_loading=claim_files)
 
     rows, scores = evaluation.score(loaded.tokenizer, records, [g.text for g in gens], extra)
     os.makedirs(args.out, exist_ok=True)

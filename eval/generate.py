@@ -4,6 +4,7 @@
     python -m eval.generate --anchor DIR --augment DIR [--augment DIR ...] [--composition RUN_DIR]
         [--encoder-mode] --prompts FILE.jsonl --out FILE.jsonl
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop TOKEN ...]
+        [--skip-invalid]
 
 Each output line is the input record plus "generation" (text), "tokens", "num_generated"
 and "stopped" (ended on a stop token).
@@ -24,8 +25,11 @@ def main(argv=None) -> int:
     common.add_generation_flags(parser)
     parser.add_argument("--prompts", required=True, metavar="FILE.jsonl")
     parser.add_argument("--out", required=True, metavar="FILE.jsonl")
+    common.add_data_flags(parser)
     args = parser.parse_args(argv)
-    loaded, records, gens, seconds = common.generate_for(args, args.prompts, need_target=False)
+    common.check_outputs((args.out, False))  # before any model loads: nothing generated is thrown away
+    with common.precision(args):
+        loaded, records, gens, seconds = common.generate_for(args, args.prompts, need_target=False)
     write_jsonl(args.out, [{**r, "generation": g.text, "tokens": g.tokens, "num_generated": g.num_generated,
                                    "stopped": g.stopped} for r, g in zip(records, gens)])
     total = sum(g.num_generated for g in gens)

@@ -5,8 +5,13 @@
         [--composition RUN_DIR] [--encoder-mode]) --n N [generation flags] --out DIR [--k 1,5,10]
     execution flags: [--timeout S] [--memory-mb MB] [--workers W]
 
-Problems: {"prompt", "tests"[, "entry_point"][, "task_id"]} records (HumanEval's, with its
-"test" named "tests"); task ids (strings or integers) must be unique. Samples, given either
+Problems: {"prompt", "tests"[, "entry_point"][, "task_id"][, "canonical_solution"]} records
+(HumanEval's fields, but its "test" is named "tests" here); task ids (strings or integers) must
+be unique. Before any sample is generated or run, each problem's tests are compiled (and must
+define check() when there is an entry point) and a canonical_solution, where given, is run
+against them: a problem that fails this is broken (a warning names it and why), its samples
+are not run, and it is left out of every mean (calm_jax.evaluation.broken_problems).
+Samples, given either
   - as --samples: {"completion"} records naming their problem by "task_id" or by
     "problem_index" (0-based, in the problems file's order; with both, they must agree);
     other fields are kept. Problems may have different numbers of samples;
@@ -21,9 +26,12 @@ Writes to DIR:
   samples.jsonl   each sample (its fields, problem_index, task_id, completion) with its
                   "result": status (passed, failed, timed_out, crashed), exit_code, signal,
                   seconds, output (tail) and output_truncated (calm_jax.execution.Result)
-  problems.jsonl  per problem: problem_index, task_id, n, c, "pass@k": {k: estimate}
-  summary.json    "pass@k": {k: mean over problems}, problem and sample counts, "status":
-                  samples per status, "settings" (inputs, model, generation, sandbox)
+  problems.jsonl  per problem: problem_index, task_id, n, c, "pass@k": {k: estimate}; a broken
+                  problem has c and pass@k null and "broken": why (its samples' result null)
+  summary.json    "pass@k": {k: mean over the problems not broken}, problem and sample counts,
+                  "broken_problems" (their count), "scored_problems", "broken" (each, and why),
+                  "status": samples per status, "settings" (inputs, model, generation, sandbox)
+--out is checked to be writable before anything is generated or run.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import sys
 import tempfile
 import time
 
-from calm_jax import decoding, evaluation, execution
+from calm_jax import evaluation, execution
 from calm_jax.data import DataError, read_jsonl, where, write_json, write_jsonl
 from . import common
 
@@ -106,16 +114,16 @@ def read_samples(path: str, problems: list[dict], problems_path: str) -> list[tu
     return out
 
 
-def generate_samples(args, problems: list[dict]) -> tuple[list[tuple[int, dict]], dict, float]:
-    """Generates args.n completions per problem: ((problem index, {"completion"}) pairs, the
-    model's {"label", "source"}, seconds). Bad flags or prompts exit with a one-line error
-    naming the problems file."""
+def generate_samples(args, problems: list[dict], skip=()) -> tuple[list[tuple[int, dict]], dict, float]:
+    """Generates args.n completions per problem (but those of `skip`, indices of broken problems):
+    ((problem index, {"completion"}) pairs, the model's {"label", "source"}, seconds). Bad flags or
+    prompts exit with a one-line error naming the problems file."""
+    todo = [i for i in range(len(problems)) if i not in skip]
     try:  # checked here, so that errors name the problems file rather than the repeated prompts
         label, source = common.describe(args)
         checked = common.check(args)
         common.fit_max_new_tokens(args, checked.tokenizer, checked.max_positions, problems)
-        decoding.prompt_token_ids([p["prompt"] for p in problems], checked.tokenizer, args.max_new_tokens,
-                                  checked.max_positions, [where(p, i) for i, p in enumerate(problems)])
+        common.fitting_prompts(problems, checked.tokenizer, args.max_new_tokens, checked.max_positions)
     except common.USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from e
     if args.temperature == 0 and args.n > 1:
@@ -123,9 +131,10 @@ def generate_samples(args, problems: list[dict]) -> tuple[list[tuple[int, dict]]
               file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         prompts = os.path.join(tmp, "prompts.jsonl")
-        write_jsonl(prompts, [{"prompt": p["prompt"]} for p in problems for _ in range(args.n)])
+        write_jsonl(prompts, [{"prompt": problems[i]["prompt"]} for i in todo for _ in range(args.n)])
         _, _, gens, seconds = common.generate_for(args, prompts)
-    samples = [(i // args.n, {"completion": g.text, "num_generated": g.num_generated}) for i, g in enumerate(gens)]
+    samples = [(todo[j // args.n], {"completion": g.text, "num_generated": g.num_generated})
+               for j, g in enumerate(gens)]
     return samples, {"label": label, "source": source}, seconds
 
 
@@ -162,23 +171,32 @@ def main(argv=None) -> int:
                          "--anchor DIR with --augment DIR)")
     if args.samples and args.n is not None:
         raise SystemExit("error: --n applies only when generating with a model, not to --samples")
+    if with_model:
+        args.n = args.n or ks[-1]
+        if args.n < ks[-1]:
+            raise SystemExit(f"error: --n {args.n} samples per problem, fewer than k={ks[-1]}: give --n >= "
+                             f"{ks[-1]} or a smaller --k")
+    common.check_outputs((args.out, True))  # before any generation or execution: their results are kept
     sandbox = execution.Sandbox(timeout=args.timeout, memory_mb=args.memory_mb)
     try:
         who = execution.identity(sandbox)
         problems = read_problems(args.problems)
+        if not with_model:
+            samples = read_samples(args.samples, problems, args.problems)
+        # Before any sample is generated or run: a problem whose own tests cannot score a sample.
+        broken = evaluation.broken_problems(problems, sandbox, args.workers)
+        for i, why in sorted(broken.items()):
+            print(f"WARNING: {_name(problems[i], i)} is broken, left out of pass@k: {why}", file=sys.stderr)
         if with_model:
-            args.n = args.n or ks[-1]
-            if args.n < ks[-1]:
-                raise SystemExit(f"error: --n {args.n} samples per problem, fewer than k={ks[-1]}: give --n >= "
-                                 f"{ks[-1]} or a smaller --k")
-            samples, model, gen_seconds = generate_samples(args, problems)
+            with common.precision(args):
+                samples, model, gen_seconds = generate_samples(args, problems, skip=broken)
         else:
-            samples, model, gen_seconds = read_samples(args.samples, problems, args.problems), None, None
+            model, gen_seconds = None, None
     except (DataError, execution.SandboxError) as e:
         raise SystemExit(f"error: {e}") from e
     counts = collections.Counter(i for i, _ in samples)
     for i, problem in enumerate(problems):
-        if counts[i] < ks[-1]:
+        if counts[i] < ks[-1] and i not in broken:
             raise SystemExit(f"error: {_name(problem, i)} has n={counts[i]} samples, fewer than k={ks[-1]}: give "
                              f"every problem at least {ks[-1]} samples, or a smaller --k")
     if not who.dropped:
@@ -187,12 +205,15 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     results, rows, means = evaluation.score_programs(problems, [(i, s["completion"]) for i, s in samples], ks,
-                                                     sandbox, workers=args.workers)
+                                                     sandbox, workers=args.workers, broken=broken)
     exec_seconds = time.perf_counter() - start
     summary = {
         "pass@k": means,
         "problems": len(problems), "samples": len(samples),
-        "status": {s: sum(r.status == s for r in results) for s in execution.STATUSES},
+        # Problems whose own tests cannot score a sample (evaluation.broken_problems): not in the mean.
+        "broken_problems": len(broken), "scored_problems": len(problems) - len(broken),
+        "broken": [{"problem_index": i, **_task_id(problems[i]), "why": why} for i, why in sorted(broken.items())],
+        "status": {s: sum(r is not None and r.status == s for r in results) for s in execution.STATUSES},
         "settings": {
             "problems": os.path.abspath(args.problems),
             "samples": os.path.abspath(args.samples) if args.samples else None,
@@ -209,12 +230,16 @@ def main(argv=None) -> int:
                     "execution": round(exec_seconds, 2)},
     }
     write_jsonl(os.path.join(args.out, "samples.jsonl"), [
-        {**s, "problem_index": i, **_task_id(problems[i]), "result": r.to_json()}
+        {**s, "problem_index": i, **_task_id(problems[i]), "result": None if r is None else r.to_json()}
         for (i, s), r in zip(samples, results)])
     write_jsonl(os.path.join(args.out, "problems.jsonl"), rows)
     write_json(os.path.join(args.out, "summary.json"), summary)
-    print("  ".join(f"pass@{k} {v:.4f}" for k, v in summary["pass@k"].items()))
-    print(f"{len(problems)} problems, {len(samples)} samples: "
+    if broken and len(broken) == len(problems):
+        print(f"pass@k: none: all {len(problems)} problems are broken (see the warnings above)")
+    else:
+        print("  ".join(f"pass@{k} {v:.4f}" for k, v in summary["pass@k"].items())
+              + (f"  (over {len(problems) - len(broken)} problems; {len(broken)} broken left out)" if broken else ""))
+    print(f"{len(problems)} problems ({len(broken)} broken), {len(samples)} samples: "
           f"{', '.join(f'{v} {s}' for s, v in summary['status'].items())} in {exec_seconds:.1f}s -> {args.out}",
           file=sys.stderr)
     return 0
