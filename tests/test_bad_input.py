@@ -208,3 +208,12 @@ def test_pass_at_k_leaves_broken_problems_out(tmp_path, capsys):
     rows = [json.loads(x) for x in (out / "problems.jsonl").read_text().splitlines()]
     assert rows[1]["pass@k"] is None and rows[1]["broken"].startswith("its tests do not compile")
     assert sum(summary["status"].values()) == 2  # the broken problems' samples were not run
+
+
+def test_loglik_help_states_the_eos_convention_and_readme_names_humaneval_field(capsys):
+    with pytest.raises(SystemExit):
+        loglik.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "no EOS after it" in text and "TrainConfig.append_eos" in text
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    assert "(HumanEval's layout)" not in readme and "HumanEval's `test` is named `tests` here" in readme
