@@ -112,6 +112,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted: step {step} finished and saved in {run_dir}")
         self.step, self.run_dir = step, run_dir
 
+    def __reduce__(self):  # from a worker process to its parent (calm_jax.experiment.workers)
+        return Interrupted, (self.step, self.run_dir)
+
 
 class _StopOnSigint:
     """While active (main thread, one process): the first SIGINT asks the loop to stop after the

@@ -226,3 +226,28 @@ def test_train_compose_init_from_an_export(hf_dirs, trained, tmp_path, capsys): 
     rc = compose.main(compose_argv({**hf_dirs, "augment": hf_dirs["other"]}, tmp_path / "r2", "--steps", "1",
                                    *WIRING, "--init-from", trained["run"]))
     assert rc == 2 and "belongs to other base models" in capsys.readouterr().err
+
+
+def test_export_is_readable_per_the_umask_and_its_readme_states_every_segment(hf_dirs, tmp_path):  # noqa: F811
+    """A run of 2 steps (warmup 1) extended to 4 on a copy of its data: the export's README lists
+    both segments' schedules, not only the last invocation's; its modes are the umask's, not
+    tempfile's 0700."""
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert compose.main(compose_argv(hf_dirs, run, "--steps", "2", "--lr", "0.003", "--warmup", "1")) == 0
+    moved = str(shutil.copy(hf_dirs["train"], tmp_path / "moved.jsonl"))  # same content elsewhere: the same data
+    assert compose.main(compose_argv({**hf_dirs, "train": moved}, run, "--steps", "4", "--resume",
+                                     "--extend-steps")) == 0
+    old = os.umask(0o022)
+    try:
+        assert export.main(["--run", str(run), "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert {name: os.stat(out / name).st_mode & 0o777 for name in os.listdir(out)} == {
+        "README.md": 0o644, "composition.json": 0o644, "theta.safetensors": 0o644}
+    history = json.loads((out / "composition.json").read_text())["training"]["history"]
+    assert [(s["from_step"], s["to_step"], s["schedule"]["rule"]) for s in history] == [
+        (0, 2, "warmup_cosine"), (2, 4, "cosine_from")]
+    readme = (out / "README.md").read_text()
+    assert "steps 0 → 2: lr 0.003, warmup 1, cosine to 0.0003 at step 2" in readme
+    assert "steps 2 → 4: extended: cosine from lr 0.0003 at step 2 to 0.0003 at step 4" in readme

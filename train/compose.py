@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 
@@ -343,9 +344,14 @@ def _run(resolved: Resolved) -> int:
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *a, **k: None)
     try:
-        if run.resume:
-            resolved = with_run_settings(resolved, history.latest_meta(run.out))
+        meta = history.latest_meta(run.out) if run.resume else None
+        if meta is not None:
+            resolved = with_run_settings(resolved, meta)
             run = resolved.config
+            if os.path.isfile(run.data):  # the resume's contract, checked before any weights load
+                history.resume_history(run.out, meta, run.train, history.file_fingerprint(run.data),
+                                       int(meta.get("step", 0)), run.resume_new_data, run.extend_steps,
+                                       say=lambda *_: None)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

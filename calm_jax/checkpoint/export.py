@@ -16,6 +16,7 @@ from calm_jax import records
 from calm_jax.checkpoint.export_format import (EXPORT_FORMAT, EXPORT_VERSION, THETA_FILE, file_sha256, read_export,
                                                theta_tensor_names)
 from calm_jax.checkpoint.export_readme import readme_text
+from calm_jax.checkpoint.history import recorded
 from calm_jax.checkpoint.load import composition_step, load_theta, saved_composition
 from calm_jax.checkpoint.runs import open_manager, read_bases
 from calm_jax.checkpoint.wiring import COMPOSITION_FILE
@@ -46,6 +47,8 @@ def _training_summary(run_dir: str, step: int, meta: dict) -> dict:
     (TrainConfig, data file and size, position in the data) and metrics.jsonl's totals."""
     out = {k: meta[k] for k in ("train_config", "data", "train_examples", "eval_data", "data_position", "init_from")
            if k in meta}
+    # Every segment's data and schedule, not only the last invocation's settings.
+    out["history"] = _history_up_to(meta, step)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(metrics):
         with open(metrics) as f:
@@ -57,6 +60,25 @@ def _training_summary(run_dir: str, step: int, meta: dict) -> dict:
         if evals:
             out.update(eval_loss=evals[-1]["eval_loss"], eval_step=evals[-1]["step"])
     return out
+
+
+def _history_up_to(meta: dict, step: int) -> list[dict]:
+    """The run's recorded history (checkpoint.history) up to `step`: its segments, the last ending at `step`."""
+    segments = [dict(seg) for seg in recorded(meta, meta.get("train_config", {})) if seg["from_step"] <= step]
+    if segments:
+        segments[-1]["to_step"] = step
+    return segments
+
+
+def _shareable_modes(directory: str) -> None:
+    """Modes as the umask gives new files and directories: tempfile.mkdtemp makes its directory
+    0700, and an export is to be read by others where the umask lets them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, dirs, files in os.walk(directory):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def _refuse_out_dir(out_dir: str, force: bool) -> None:
@@ -127,4 +149,5 @@ def export_composition(run_dir: str, out_dir: str, step: int | None = None, forc
         records.write_record(os.path.join(tmp, COMPOSITION_FILE), export)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(readme_text(export, out_dir))
+        _shareable_modes(tmp)
     return export

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from calm_jax.checkpoint.history import describe_data, describe_schedule
 from calm_jax.composition import CompositionOptions
 
 
@@ -47,9 +48,16 @@ def readme_text(export: dict, out_dir: str) -> str:
     if training:
         facts = [f"{export['step']} steps" + (f" (of {tc['steps']} planned)" if tc.get("steps") else "")]
         if tc:
-            facts.append(f"batch {tc.get('batch_size')} x {tc.get('seq_len')} tokens, lr {tc.get('lr')}, "
-                         f"warmup {tc.get('warmup')}, seed {tc.get('seed')}")
-        if "data" in training:
+            facts.append(f"batch {tc.get('batch_size')} x {tc.get('seq_len')} tokens, seed {tc.get('seed')}, "
+                         f"weight decay {tc.get('weight_decay')}, clip {tc.get('clip')}")
+        segments = training.get("history") or []
+        if segments:  # the recorded history: every segment's schedule and data
+            facts.append(f"schedule and data, in {len(segments)} segment(s) of the run's history:")
+            facts += [f"  steps {seg['from_step']} → {seg['to_step']}: {describe_schedule(seg['schedule'])}; "
+                      f"data {describe_data(seg['data'])}" for seg in segments]
+        elif tc:
+            facts.append(f"lr {tc.get('lr')}, warmup {tc.get('warmup')}")
+        if "data" in training and not segments:
             facts.append(f"data `{training['data']}`" + (f" ({training['train_examples']:,} examples)"
                                                          if "train_examples" in training else ""))
         if "target_tokens" in training:
@@ -60,7 +68,7 @@ def readme_text(export: dict, out_dir: str) -> str:
                          + (f" on `{training['eval_data']}`" if training.get("eval_data") else ""))
         if training.get("init_from"):
             facts.append(f"Θ_C initialised from `{training['init_from']}`")
-        lines += [f"- {fact}" for fact in facts]
+        lines += [f"  - {fact.strip()}" if fact.startswith("  ") else f"- {fact}" for fact in facts]
     else:
         lines.append("The run recorded no training metadata.")
     lines += [

@@ -41,18 +41,22 @@ RESUME_FIELDS = (*SCHEDULE_FIELDS, "batch_size", "seq_len", "grad_accum", "seed"
 def data_fingerprint(dataset) -> dict:
     """{"path", "bytes", "sha256", "examples"} of a calm_jax.data.Dataset: of its file when there
     is one, else ("tokens_sha256") of its tokenized arrays."""
-    out = {"path": os.path.abspath(dataset.path) if os.path.isfile(dataset.path) else dataset.path,
-           "examples": len(dataset)}
     if os.path.isfile(dataset.path):
-        digest = hashlib.sha256()
-        with open(dataset.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return {**out, "bytes": os.path.getsize(dataset.path), "sha256": digest.hexdigest()}
+        return {**file_fingerprint(dataset.path), "examples": len(dataset)}
+    out = {"path": dataset.path, "examples": len(dataset)}
     digest = hashlib.sha256()
     for a in (dataset.tokens_NxT, dataset.mask_NxT, dataset.target_NxT):
         digest.update(np.ascontiguousarray(a).tobytes())
     return {**out, "tokens_sha256": digest.hexdigest()}
+
+
+def file_fingerprint(path: str) -> dict:
+    """{"path", "bytes", "sha256"} of a data file (what a resume compares: its size and sha256)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
 def _content(fp: dict) -> tuple:
@@ -181,10 +185,4 @@ def latest_meta(run_dir: str) -> dict | None:
         return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
     finally:
         manager.close()
-
-
-def history_lines(history: list[dict]) -> list[str]:
-    """One line per segment, for a README or a log."""
-    return [f"steps {seg['from_step']} → {seg['to_step']}: {describe_schedule(seg['schedule'])}; "
-            f"data {describe_data(seg['data'])}" for seg in history]
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 
+from calm_jax import trainer
 from calm_jax.experiment import study
 from .task import TASK
 
@@ -90,6 +92,20 @@ def main(argv=None) -> int:
         parser.error(str(e))
     if args.fresh and os.path.isdir(args.out):
         shutil.rmtree(args.out)
+    try:
+        _run(args, seeds, train_seeds, rows)
+    except KeyboardInterrupt as e:  # calm_jax.trainer.Interrupted, workers.Interrupted, or a second Ctrl-C
+        again = shlex.join(["python", "-m", "train.kv_arithmetic",
+                            *[a for a in (sys.argv[1:] if argv is None else argv) if a != "--fresh"]])
+        kept = (f"after step {e.step}, saved in {e.run_dir}" if isinstance(e, trainer.Interrupted)
+                else str(e) if isinstance(e, study.workers_lib.Interrupted)
+                else "at once; the stages finished and the checkpoints saved are kept")
+        print(f"interrupted (Ctrl-C): {kept}; continue with: {again}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _run(args, seeds, train_seeds, rows) -> None:
     if seeds is not None:
         study.run_seeds(TASK, args.preset, args.out, seeds, args.overrides, args.workers, train_seeds)
     elif args.ablations or args.sweep:
@@ -99,7 +115,6 @@ def main(argv=None) -> int:
             study.run_sweep(TASK, args.preset, args.out, args.overrides, args.workers)
     else:
         study.run_table1(TASK, args.preset, args.out, overrides=args.overrides)
-    return 0
 
 
 if __name__ == "__main__":
