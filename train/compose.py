@@ -348,8 +348,10 @@ def _run(resolved: Resolved) -> int:
         if meta is not None:
             resolved = with_run_settings(resolved, meta)
             run = resolved.config
-            if os.path.isfile(run.data):  # the resume's contract, checked before any weights load
-                history.resume_history(run.out, meta, run.train, history.file_fingerprint(run.data),
+            if os.path.isfile(run.data):  # the resume's data contract, checked before any weights load
+                was = meta.get("train_config") or {}  # (the settings: by the trainer, after the base models)
+                same = run.train.replace(**{k: was[k] for k in history.RESUME_FIELDS if k in was})
+                history.resume_history(run.out, meta, same, history.file_fingerprint(run.data),
                                        int(meta.get("step", 0)), run.resume_new_data, run.extend_steps,
                                        say=lambda *_: None)
     except CheckpointError as e:
