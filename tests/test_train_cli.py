@@ -173,6 +173,24 @@ def test_cli_checks_data_and_connections_before_loading_weights(hf_dirs, tmp_pat
     assert "layer 5 out of range for augmenting model 0" in err
     err = _error(capsys, compose_argv(hf_dirs, tmp_path / "r3", "--seq-len", "4"))
     assert "train.jsonl: line 1 has 9 tokens, more than the sequence length 4" in err  # lines count from 1
+    # An --out that cannot be made is named before anything else (here: under a file).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    err = _error(capsys, compose_argv(hf_dirs, blocker / "run"))
+    assert f"--out {blocker / 'run'} cannot be written" in err and "nothing was run" in err
+
+
+def test_cli_skip_invalid_and_truncate_count_what_they_change(hf_dirs, tmp_path, capsys):
+    records = [json.loads(line) for line in open(hf_dirs["train"])][:8]
+    mixed = _write_jsonl(tmp_path / "mixed.jsonl", records[:6] + [{"prompt": "ab="}, {**records[6], "target": "x" * 40}])
+    assert compose.main(compose_argv({**hf_dirs, "train": mixed}, tmp_path / "r1", "--steps", "1", "--warmup", "0",
+                                     "--skip-invalid")) == 0
+    out = capsys.readouterr().out
+    assert "left out 2 invalid of 8 records (--skip-invalid): lines 7, 8" in out
+    assert compose.main(compose_argv({**hf_dirs, "train": mixed}, tmp_path / "r2", "--steps", "1", "--warmup", "0",
+                                     "--skip-invalid", "--truncate")) == 0
+    out = capsys.readouterr().out
+    assert "left out 1 invalid of 8 records (--skip-invalid): line 7" in out and "cut 1 of 8 examples to the sequence length 16 (--truncate): line 8" in out
 
 
 def test_cli_defaults_fit_small_models_and_resume_says_so(hf_dirs, tmp_path, capsys, monkeypatch):

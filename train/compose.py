@@ -69,6 +69,8 @@ class ComposeConfig:
     resume_new_data: bool = False  # with resume: continue on other data (said and recorded)
     extend_steps: bool = False  # with resume: train on to more steps (the schedule extended, said and recorded)
     init_from: str | None = None
+    skip_invalid: bool = False  # leave out unusable records (counted and named) instead of refusing the file
+    truncate: bool = False  # cut examples longer than seq_len (counted and named) instead of refusing them
     train: TrainConfig = TrainConfig()
     coordinator: str | None = None
     num_processes: int | None = None
@@ -187,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int)
     t.add_argument("--keep", type=int, help="checkpoints kept")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    t.add_argument("--skip-invalid", action="store_true", default=None,
+                   help="leave out unusable records (bad lines; too long unless --truncate), counted and named, "
+                        "instead of refusing the file")
+    t.add_argument("--truncate", action="store_true", default=None,
+                   help="cut examples longer than --seq-len (counted and named) instead of refusing them")
     d = p.add_argument_group("multi-process launch (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     d.add_argument("--coordinator", metavar="HOST:PORT")
     d.add_argument("--num-processes", type=int)
@@ -362,6 +369,8 @@ def _run(resolved: Resolved) -> int:
         say(notice)
     try:
         # Everything that needs no weights is checked first: loading them takes the longest.
+        if main_process:
+            data.check_writable(run.out, directory=True, what="--out")
         mesh = sharding.make_mesh(cfg.mesh)
         checked = loaded.check_composition(run.anchor, run.augment, run.init_from, wiring=run.wiring(),
                                            param_dtype=run.frozen_dtype)
@@ -371,8 +380,9 @@ def _run(resolved: Resolved) -> int:
             cfg = cfg.replace(seq_len=longest)
         if cfg.seq_len > longest:
             raise data.DataError(f"--seq-len {cfg.seq_len} is longer than the models' position limit ({longest})")
-        train_data = data.load_dataset(run.data, checked.tokenizer, cfg.seq_len, cfg.append_eos)
-        eval_data = (data.load_dataset(run.eval_data, checked.tokenizer, cfg.seq_len, cfg.append_eos)
+        reading = dict(skip_invalid=run.skip_invalid, truncate=run.truncate, log=say)
+        train_data = data.load_dataset(run.data, checked.tokenizer, cfg.seq_len, cfg.append_eos, **reading)
+        eval_data = (data.load_dataset(run.eval_data, checked.tokenizer, cfg.seq_len, cfg.append_eos, **reading)
                      if run.eval_data else None)
         place = lambda mcfg: sharding.param_shardings(mesh, param_shapes(mcfg), fsdp=cfg.fsdp)  # noqa: E731
         lm = loaded.load_checked(checked, shardings=place, theta_seed=cfg.seed)
@@ -391,7 +401,8 @@ def _run(resolved: Resolved) -> int:
             train_data, eval_data, bases=checkpoint.composition_bases(lm.models[0], lm.models[1:]),
             resume=run.resume, mesh=mesh, resume_new_data=run.resume_new_data, extend_steps=run.extend_steps,
             meta={"anchor": run.anchor, "augments": list(run.augment), "data": run.data,
-                  "train_examples": len(train_data), "eval_data": run.eval_data, "init_from": run.init_from})
+                  "train_examples": len(train_data), "eval_data": run.eval_data, "init_from": run.init_from,
+                  "skip_invalid": run.skip_invalid, "truncate": run.truncate})
     except (CheckpointError, ConfigError, composition.CompositionError, data.DataError, sharding.MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
