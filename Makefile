@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 # transformers warns at import that torch (a test-only dependency) is missing: not news here.
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(VENV)/.deps
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The edit-test loop: every module of calm_jax in a few minutes, without the tests marked slow
+# (the key-value study, the command lines end to end, the big compiles; tests/conftest.py).
+test-fast: $(VENV)/.test-deps
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 bench: $(VENV)/.test-deps
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done

@@ -122,7 +122,7 @@ def test_reuse_refuses_another_recipe(run_dir, tmp_path):
     m_A, m_B = base("m_A"), base("m_B")  # the same recipe is reused
     faster = dataclasses.replace(preset.train_C, lr=2 * preset.train_C.lr)
     with pytest.raises(ValueError, match=r"calm was trained from another recipe.*train\.lr"):
-        stages.train_composition(os.path.join(out, "calm"), stages.composition_config(preset, m_A, m_B), faster,
+        stages.train_composition(os.path.join(out, "calm"), stages.composition_wiring(preset), faster,
                               seq["calm"], tok, os.path.join(out, "data", "calm.jsonl"), m_A, m_B, seed=3)
 
 
