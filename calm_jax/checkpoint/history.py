@@ -29,7 +29,6 @@ import orbax.checkpoint as ocp
 
 from calm_jax.checkpoint.runs import open_manager
 from calm_jax.loading import CheckpointError
-from calm_jax.train_step import lr_schedule
 
 # TrainConfig fields a resume keeps (what is trained and how); the others only say how a run
 # is shown, saved, placed or computed (progress, eval_every, save_every, keep, mesh, remat, ...).
@@ -90,6 +89,9 @@ def schedule_fn(history: list[dict]):
 
 def _piece(s: dict):
     if s["rule"] == "warmup_cosine":
+        # Here, not at the top: reading a run (calm_jax.loaded, for evaluation) must not import the
+        # training code (tests/test_composition.py checks that calm_jax.composition does not).
+        from calm_jax.train_step import lr_schedule
         return lr_schedule(s["lr"], s["steps"], s["warmup"], s["end_lr_ratio"])
     if s["rule"] == "cosine_from":
         start, end, a, b = s["start_lr"], s["lr"] * s["end_lr_ratio"], s["from_step"], s["steps"]
